@@ -1,0 +1,185 @@
+"""Typed run configuration: dataclass schema, YAML files, dotted command-line overrides.
+
+OmegaConf structured configs do the parsing, merging and type checks; this module turns their
+exceptions into one-line errors that name the key and the fix (``ConfigError``, exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from trainer.errors import ConfigError
+
+
+@dataclass
+class RunConfig:
+    name: str = "dcgan"
+    dir: str = "runs/${run.name}"  # where the run writes: config, checkpoints, samples, weights
+    seed: int = 0
+    resume: str = "auto"  # auto | never | path to a checkpoint directory
+
+
+@dataclass
+class DataConfig:
+    source: Literal["cifar10", "folder", "fake"] = "cifar10"
+    root: str = "data/cifar10"
+    download: bool = True
+    num_workers: int = 2
+    fake_size: int = 1024  # number of images of the `fake` source
+
+
+@dataclass
+class ModelConfig:
+    resolution: int = 64
+    nz: int = 100
+    ngf: int = 64
+    ndf: int = 64
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64  # GLOBAL batch, split evenly over processes
+    epochs: int = 25
+    max_steps: int | None = None  # cap on optimizer steps (G and D each step once per step)
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
+    sync_bn: str = "auto"  # auto | true | false (YAML booleans accepted)
+
+
+@dataclass
+class CkptConfig:
+    every_steps: int = 500
+    keep: int = 3
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 50
+    sample_every_steps: int = 500
+    sample_grid_size: int = 64  # images in each fixed-noise grid
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def _first_line(exc: OmegaConfBaseException) -> str:
+    return str(getattr(exc, "msg", None) or exc).splitlines()[0]
+
+
+def _merge(base: DictConfig, layer: DictConfig, origin: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)
+    except ConfigKeyError as exc:
+        key = exc.full_key or "?"
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        node = OmegaConf.select(base, parent) if parent else base
+        valid = ", ".join(sorted(node.keys())) if isinstance(node, DictConfig) else "none"
+        raise ConfigError(
+            f"unknown config key '{key}' ({origin}); valid keys{' under ' + repr(parent) if parent else ''}: {valid}"
+        ) from None
+    except OmegaConfBaseException as exc:
+        key = exc.full_key or "?"
+        default = OmegaConf.select(OmegaConf.structured(Config), key, default=None)
+        hint = f"; e.g. {key}={default}" if default is not None else ""
+        raise ConfigError(f"bad value for '{key}' ({origin}): {_first_line(exc)}{hint}") from None
+
+
+def load_config(config_file: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Schema defaults <- YAML file <- dotted overrides, validated. Raises ConfigError."""
+    merged = OmegaConf.structured(Config)
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {config_file}; pass an existing YAML, e.g. --config configs/smoke.yaml")
+        try:
+            layer = OmegaConf.load(path)
+        except Exception as exc:  # yaml.YAMLError and friends
+            raise ConfigError(f"cannot parse {config_file}: {str(exc).splitlines()[0]}") from None
+        merged = _merge(merged, layer, f"in {config_file}")
+    bad = [item for item in overrides if "=" not in item or item.startswith("=")]
+    if bad:
+        raise ConfigError(f"override '{bad[0]}' is not of the form key=value, e.g. train.epochs=5")
+    try:
+        layer = OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot parse overrides {list(overrides)}: {_first_line(exc)}") from None
+    merged = _merge(merged, layer, "on the command line")
+    try:
+        cfg: Config = OmegaConf.to_object(merged)  # resolves ${run.name} in run.dir
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot resolve '{exc.full_key}': {_first_line(exc)}") from None
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no hardware knowledge; `runtime.check_against_hardware` does the rest."""
+    sync_bn = str(cfg.train.sync_bn).lower()
+    _require(sync_bn in ("auto", "true", "false"), f"train.sync_bn={cfg.train.sync_bn!r} is not one of auto, true, false")
+    cfg.train.sync_bn = sync_bn
+
+    res = cfg.model.resolution
+    _require(
+        16 <= res <= 256 and res & (res - 1) == 0,
+        f"model.resolution={res} is not supported; use a power of two from 16 to 256 (64 classic, 32 native CIFAR)",
+    )
+    for key in ("model.nz", "model.ngf", "model.ndf", "train.batch_size", "train.epochs",
+                "ckpt.every_steps", "ckpt.keep", "log.every_steps", "log.sample_every_steps",
+                "log.sample_grid_size", "data.fake_size"):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _require(value >= 1, f"{key}={value} must be at least 1")
+    _require(cfg.data.num_workers >= 0, f"data.num_workers={cfg.data.num_workers} must be 0 or more")
+    _require(
+        cfg.train.max_steps is None or cfg.train.max_steps >= 1,
+        f"train.max_steps={cfg.train.max_steps} must be at least 1, or null for no cap",
+    )
+    _require(math.isfinite(cfg.train.lr) and cfg.train.lr > 0, f"train.lr={cfg.train.lr} must be a positive number")
+    _require(
+        len(cfg.train.betas) == 2 and all(0.0 <= b < 1.0 for b in cfg.train.betas),
+        f"train.betas={list(cfg.train.betas)} must be two numbers in [0, 1), e.g. train.betas=[0.5,0.999]",
+    )
+    _require(bool(cfg.run.name) and "/" not in cfg.run.name, f"run.name={cfg.run.name!r} must be a non-empty name without '/'")
+    _require(bool(cfg.run.resume), "run.resume is empty; use auto, never, or a checkpoint directory")
+    if cfg.data.source != "fake":
+        _require(bool(cfg.data.root), f"data.root is empty; data.source={cfg.data.source} needs a directory")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    parser = argparse.ArgumentParser(
+        prog="trainer/train.py",
+        description="Train a DCGAN. Settings: schema defaults <- --config YAML <- key=value overrides.",
+        epilog="example: accelerate launch trainer/train.py --config configs/dcgan_cifar10.yaml train.epochs=5",
+    )
+    parser.add_argument("--config", help="YAML file in configs/ (default: the schema defaults, the classic recipe)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4")
+    args = parser.parse_args(argv)
+    return load_config(args.config, args.overrides)

@@ -1,0 +1,138 @@
+"""Image sources -> uint8 images at the model's resolution -> global batches -> [-1, 1] on device.
+
+Each source yields uint8 CHW tensors already resized (shorter side) and centre-cropped to
+`model.resolution` with PIL, as the classic recipe's `Resize` + `CenterCrop` do. Batches stay uint8
+until they reach the device, where `to_model_input` scales them to [-1, 1]: a quarter of the
+bytes of float batches cross the host-to-device copy.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
+
+from trainer.config import DataConfig
+from trainer.errors import DataError
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+
+
+def pil_to_uint8(resolution: int) -> transforms.Compose:
+    return transforms.Compose(
+        [
+            transforms.Resize(resolution),
+            transforms.CenterCrop(resolution),
+            transforms.PILToTensor(),
+        ]
+    )
+
+
+class ImageFiles(Dataset):
+    """Every image file under `root`, recursively, in sorted order.
+
+    Written here rather than using torchvision's ImageFolder because a GAN needs no labels and
+    ImageFolder refuses a flat folder of images; an ImageFolder tree reads the same either way.
+    """
+
+    def __init__(self, root: str | os.PathLike, transform: transforms.Compose) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"data.root={str(root)!r} is not a directory; point data.root at a folder of images")
+        self.files = sorted(
+            p for p in self.root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file()
+        )
+        if not self.files:
+            raise DataError(
+                f"no images ({', '.join(IMG_EXTENSIONS)}) under data.root={str(root)!r}; "
+                "point data.root at an ImageFolder tree such as <cifar10-jpg>/train"
+            )
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.transform(default_loader(str(self.files[index])))
+
+
+class CIFAR10Images(Dataset):
+    """torchvision's CIFAR10 training set, images only."""
+
+    def __init__(self, root: str, download: bool, transform: transforms.Compose) -> None:
+        from torchvision.datasets import CIFAR10
+
+        try:
+            self.dataset = CIFAR10(root=root, train=True, download=download, transform=transform)
+        except Exception as exc:  # URLError, RuntimeError("Dataset not found or corrupted"), OSError
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DataError(
+                f"CIFAR-10 is not available under data.root={root!r} ({reason}). Fix: place "
+                f"cifar-10-python.tar.gz ({CIFAR10_URL}) in {root!r} and run with data.download=true "
+                "(it is verified and unpacked, not downloaded), or use data.source=folder "
+                "data.root=<an ImageFolder tree, e.g. the JPEG copy's train/>"
+            ) from None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.dataset[index][0]
+
+
+class FakeImages(Dataset):
+    """Deterministic random images for tests: image i depends only on (seed, i)."""
+
+    def __init__(self, size: int, resolution: int, seed: int = 0) -> None:
+        self.size, self.resolution, self.seed = size, resolution, seed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        # Low-frequency colour blobs rather than white noise, so a GAN has something to learn.
+        coarse = torch.rand(3, 4, 4, generator=g)
+        image = torch.nn.functional.interpolate(coarse[None], size=self.resolution, mode="bilinear", align_corners=False)[0]
+        return (image * 255).round().to(torch.uint8)
+
+
+def build_dataset(cfg: DataConfig, resolution: int, seed: int) -> Dataset:
+    if cfg.source == "fake":
+        return FakeImages(cfg.fake_size, resolution, seed)
+    if cfg.source == "folder":
+        return ImageFiles(cfg.root, pil_to_uint8(resolution))
+    return CIFAR10Images(cfg.root, cfg.download, pil_to_uint8(resolution))
+
+
+def build_dataloader(dataset: Dataset, global_batch: int, num_workers: int) -> DataLoader:
+    """A loader of GLOBAL batches; `accelerator.prepare` (split_batches=True) hands each rank its slice.
+
+    drop_last keeps every step a full global batch, so every rank's BatchNorm sees the same
+    number of samples and every epoch has the same number of steps.
+    """
+    if len(dataset) < global_batch:
+        raise DataError(
+            f"the dataset has {len(dataset)} images, fewer than one global batch (train.batch_size={global_batch}); "
+            "lower train.batch_size or add images"
+        )
+    return DataLoader(
+        dataset,
+        batch_size=global_batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+    )
+
+
+def to_model_input(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1], on whatever device the batch is."""
+    return batch.float().div_(127.5).sub_(1.0)

@@ -1,0 +1,71 @@
+"""The Accelerator for a run, and the config checks that depend on the hardware it found."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
+
+from trainer.config import Config
+from trainer.errors import ConfigError
+
+
+def build_accelerator(cfg: Config) -> Accelerator:
+    env_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if env_precision and env_precision != cfg.train.mixed_precision:
+        warnings.warn(
+            f"accelerate's mixed precision '{env_precision}' is ignored; this run uses "
+            f"train.mixed_precision={cfg.train.mixed_precision} (set it in the config or on the command line)",
+            stacklevel=2,
+        )
+    # torch >= 2.13 deprecates DDP's broadcast_buffers, which Accelerate always passes; its
+    # replacement would not skip the init-time buffer sync that broadcast_buffers=False skips, and
+    # Accelerate cannot pass it yet. Behaviour is unchanged, so keep the log clean.
+    warnings.filterwarnings("ignore", message=r"`broadcast_buffers` is deprecated", category=FutureWarning)
+    # Accelerate 1.x picks gloo (MULTI_CPU) for a multi-process launch only when told it is on the
+    # CPU; otherwise each process would run alone. GPU runs are unaffected.
+    multi_process_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    try:
+        return Accelerator(
+            cpu=multi_process_cpu,
+            mixed_precision=cfg.train.mixed_precision,
+            # split_batches: the loader yields GLOBAL batches and each rank takes its slice, so the
+            # data order is the same for any number of processes. The seedable sampler gives every
+            # rank the same shuffle, reseeded from run.seed + epoch.
+            dataloader_config=DataLoaderConfiguration(
+                split_batches=True, use_seedable_sampler=True, data_seed=cfg.run.seed
+            ),
+            # D runs on real and on fake batches before one backward; broadcasting BatchNorm
+            # buffers between those forwards makes autograd fail ("modified by an inplace operation").
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        )
+    except ValueError as exc:  # e.g. bf16 on a GPU without bf16 support
+        raise ConfigError(
+            f"train.mixed_precision={cfg.train.mixed_precision} is not supported here: {exc}; "
+            "try train.mixed_precision=fp16 or no"
+        ) from None
+
+
+def check_against_hardware(cfg: Config, accelerator: Accelerator) -> bool:
+    """Raises ConfigError for settings this hardware cannot run; returns whether to use SyncBatchNorm."""
+    n = accelerator.num_processes
+    on_cuda = accelerator.device.type == "cuda"
+    if cfg.train.batch_size % n:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} (the global batch) is not divisible by the {n} processes; "
+            f"set train.batch_size to a multiple of {n}"
+        )
+    if cfg.train.mixed_precision == "fp16" and not on_cuda:
+        raise ConfigError(
+            f"train.mixed_precision=fp16 needs a GPU (this run is on {accelerator.device.type}); "
+            "use train.mixed_precision=bf16 or no"
+        )
+    if cfg.train.sync_bn == "true" and not on_cuda:
+        raise ConfigError(
+            f"train.sync_bn=true needs CUDA: SyncBatchNorm does not run on {accelerator.device.type}; "
+            "use train.sync_bn=auto or false"
+        )
+    return cfg.train.sync_bn == "true" or (cfg.train.sync_bn == "auto" and on_cuda and n > 1)

@@ -1,0 +1,61 @@
+"""Clean stops: a signal to any rank, or a STOP file in the run directory, stops every rank together.
+
+SIGTERM (Slurm's time limit, `kill`), SIGINT (Ctrl-C) and SIGUSR1 (Slurm's warning signal) set a
+flag; the loop finishes its step, the ranks agree (one all-reduce every `check_every` steps, so
+the step pays no host sync), write a checkpoint, and exit 0. The file matters because
+`accelerate launch` (torchrun) does not forward SIGUSR1 to its workers: a batch script that traps
+the signal touches `<run.dir>/STOP` instead, which every node sees on a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+STOP_FILE = "STOP"
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class StopRequest:
+    def __init__(self, run_dir: Path, accelerator: Accelerator, check_every: int = 10) -> None:
+        self.file = Path(run_dir) / STOP_FILE
+        self.acc = accelerator
+        self.check_every = check_every
+        self.reason: str | None = None
+        self.agreed = False  # every rank decided to stop
+        self._previous = {}
+        if accelerator.is_main_process:
+            self.file.unlink(missing_ok=True)  # stale: it was meant for an earlier job
+        for sig in SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGINT and self.reason is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
+        self.reason = signal.Signals(signum).name
+
+    def should_stop(self, step: int) -> bool:
+        """Collective every `check_every` steps: all ranks get the same answer."""
+        if step % self.check_every:
+            return False
+        local = self.reason is not None
+        if not local and self.acc.is_main_process and self.file.exists():
+            self.reason = f"{self.file} exists"
+            local = True
+        if self.acc.num_processes > 1:
+            flag = torch.tensor([1.0 if local else 0.0], device=self.acc.device)
+            local = bool(self.acc.reduce(flag, reduction="sum").item() > 0)
+            if local and self.reason is None:
+                self.reason = "another rank was asked to stop"
+        self.agreed = local
+        return local
+
+    def close(self) -> None:
+        """Restore the previous handlers and consume the STOP file."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        if self.acc.is_main_process:
+            self.file.unlink(missing_ok=True)

@@ -1,0 +1,45 @@
+"""Entry point: `accelerate launch trainer/train.py [--config FILE] [key=value ...]`.
+
+Reads the config, runs the loop, turns user errors into one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a script: import the package from the repository root, and keep trainer/ itself off
+    # sys.path so its modules (data, models, ...) cannot shadow top-level packages.
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
+
+from trainer.config import parse_args  # noqa: E402
+from trainer.errors import DivergenceError, UserError  # noqa: E402
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    try:
+        return PartialState._shared_state == {} or PartialState().is_main_process
+    except Exception:
+        return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_args(argv)
+        from trainer.loop import train  # after config errors: they should not wait for torch imports
+
+        train(cfg)
+    except (UserError, DivergenceError) as exc:
+        if _is_main_process():
+            print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
