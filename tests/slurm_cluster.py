@@ -213,8 +213,10 @@ class SlurmCluster:
         base.mkdir(parents=True, exist_ok=True)
         # Unix socket paths (munge socket, slurmstepd sockets in the spool dir)
         # are limited to 107 bytes: keep the root short.
-        if len(str(base)) <= 48:
-            root, own_root = base, False
+        if len(str(base)) <= 40:
+            # A fresh directory each time: slurmctld refuses a StateSaveLocation
+            # written by a cluster with another ClusterName.
+            root, own_root = Path(tempfile.mkdtemp(prefix="c", dir=base)), False
         else:
             root, own_root = Path(tempfile.mkdtemp(prefix="slurm-", dir="/tmp")), True
             (base / "slurm-cluster-root.txt").write_text(str(root) + "\n")

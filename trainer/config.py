@@ -50,7 +50,8 @@ class TrainConfig:
     max_steps: int | None = None  # cap on optimizer steps (G and D each step once per step)
     lr: float = 2e-4
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
-    mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
+    # str, not Literal: YAML reads a bare `no` as false, which must still mean "no"
+    mixed_precision: str = "bf16"  # no | fp16 | bf16
     sync_bn: str = "auto"  # auto | true | false (YAML booleans accepted)
 
 
@@ -134,6 +135,13 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Checks that need no hardware knowledge; `runtime.check_against_hardware` does the rest."""
+    precision = str(cfg.train.mixed_precision).lower()
+    precision = "no" if precision == "false" else precision
+    _require(
+        precision in ("no", "fp16", "bf16"),
+        f"train.mixed_precision={cfg.train.mixed_precision!r} is not one of no, fp16, bf16",
+    )
+    cfg.train.mixed_precision = precision
     sync_bn = str(cfg.train.sync_bn).lower()
     _require(sync_bn in ("auto", "true", "false"), f"train.sync_bn={cfg.train.sync_bn!r} is not one of auto, true, false")
     cfg.train.sync_bn = sync_bn

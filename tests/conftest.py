@@ -1,0 +1,85 @@
+"""Shared helpers: run the real entry point in subprocesses, on CPU, with data the tests make."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "trainer" / "train.py"
+SMOKE = REPO / "configs" / "smoke.yaml"
+
+
+def trainer_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        WANDB_MODE="offline",
+        OMP_NUM_THREADS="1",  # two processes on two cores: no oversubscription
+        PYTHONUNBUFFERED="1",
+        CUDA_VISIBLE_DEVICES="",  # these tests pin CPU behaviour (gloo, BatchNorm)
+    )
+    env.pop("ACCELERATE_MIXED_PRECISION", None)
+    return env
+
+
+def launch_command(args: list[str], processes: int = 1, script: Path = TRAIN) -> list[str]:
+    if processes == 1:
+        return [sys.executable, str(script), *args]
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()), str(script), *args,
+    ]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_trainer(args: list[str], processes: int = 1, timeout: float = 300, script: Path = TRAIN,
+                check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(launch_command(args, processes, script), cwd=REPO, env=trainer_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def smoke_args(run_dir: Path, *overrides: str) -> list[str]:
+    return ["--config", str(SMOKE), f"run.dir={run_dir}", *overrides]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def write_image_tree(root: Path, count: int, sizes=((32, 32), (40, 48), (64, 64)), classes=("a", "b")) -> Path:
+    """An ImageFolder tree of PNG and JPEG files of mixed sizes, including a grayscale one."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        w, h = sizes[i % len(sizes)]
+        folder = root / classes[i % len(classes)]
+        folder.mkdir(parents=True, exist_ok=True)
+        if i == 0:
+            Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8), mode="L").save(folder / f"{i:04d}.png")
+        else:
+            ext = "png" if i % 2 else "jpg"
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i:04d}.{ext}")
+    return root
+
+
+@pytest.fixture
+def image_tree(tmp_path: Path) -> Path:
+    return write_image_tree(tmp_path / "images", 40)
