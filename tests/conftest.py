@@ -32,9 +32,22 @@ def launch_command(args: list[str], processes: int = 1, script: Path = TRAIN) ->
     if processes == 1:
         return [sys.executable, str(script), *args]
     return [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), str(script), *args,
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(script),
+        *args,
     ]
 
 
@@ -46,10 +59,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_trainer(args: list[str], processes: int = 1, timeout: float = 300, script: Path = TRAIN,
-                check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(launch_command(args, processes, script), cwd=REPO, env=trainer_env(),
-                          capture_output=True, text=True, timeout=timeout)
+def run_trainer(
+    args: list[str], processes: int = 1, timeout: float = 300, script: Path = TRAIN, check: bool = True
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        launch_command(args, processes, script),
+        cwd=REPO,
+        env=trainer_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
     return proc

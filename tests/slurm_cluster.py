@@ -30,9 +30,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
 
 REQUIRED_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel")
 # Root's PATH has /usr/sbin; a CI user's PATH may not.
@@ -202,7 +202,7 @@ class SlurmCluster:
         real_memory: int = 8000,
         extra_conf: Sequence[str] = (),
         start_timeout: float = 30.0,
-    ) -> Iterator["SlurmCluster"]:
+    ) -> Iterator[SlurmCluster]:
         """Start munged + slurmctld + ``nodes`` slurmd; stop them all on exit."""
         if nodes not in (1, 2, 3, 4):
             raise ValueError("nodes must be 1..4")
@@ -294,7 +294,7 @@ class SlurmCluster:
             "SlurmdDebug=info",
             *extra_conf,
         ]
-        for name, port in zip(self.nodes, self.node_ports):
+        for name, port in zip(self.nodes, self.node_ports, strict=True):
             lines.append(
                 f"NodeName={name} NodeHostname={self.hostname} NodeAddr=127.0.0.1 Port={port} "
                 f"CPUs={cpus} RealMemory={mem} State=UNKNOWN"
@@ -352,9 +352,10 @@ class SlurmCluster:
                 if ids:
                     self.run(["scancel", *ids], check=False, timeout=10)
                     deadline = time.monotonic() + 15
-                    while time.monotonic() < deadline and self.run(
-                        ["squeue", "-h", "-o", "%i"], check=False, timeout=10
-                    ).stdout.strip():
+                    while (
+                        time.monotonic() < deadline
+                        and self.run(["squeue", "-h", "-o", "%i"], check=False, timeout=10).stdout.strip()
+                    ):
                         time.sleep(0.3)
         order = [*(f"slurmd-{n}" for n in self.nodes), "slurmctld", "munged"]
         files = self.pid_files()
@@ -462,9 +463,13 @@ class SlurmCluster:
             if last in wanted:
                 return last
             if last in FINAL_STATES:
-                raise RuntimeError(f"job {job_id} ended {last} while waiting for {sorted(wanted)}\n{self.job_report(job_id)}")
+                raise RuntimeError(
+                    f"job {job_id} ended {last} while waiting for {sorted(wanted)}\n{self.job_report(job_id)}"
+                )
             time.sleep(interval)
-        raise TimeoutError(f"job {job_id} still {last} after {timeout}s (wanted {sorted(wanted)})\n{self.job_report(job_id)}")
+        raise TimeoutError(
+            f"job {job_id} still {last} after {timeout}s (wanted {sorted(wanted)})\n{self.job_report(job_id)}"
+        )
 
     def wait(self, job_id: str, timeout: float, interval: float = 0.2) -> str:
         """Wait until the job reaches a final state (COMPLETED, FAILED, TIMEOUT, ...); return it."""

@@ -38,8 +38,10 @@ def test_yaml_bare_no_means_no_precision(tmp_path):
 
 
 def test_overrides_win_over_file_and_interpolate_run_dir():
-    cfg = load_config(str(REPO / "configs" / "smoke.yaml"), ["train.epochs=5", "run.name=x", "train.sync_bn=true",
-                                                             "train.betas=[0.0,0.9]", "train.max_steps=7"])
+    cfg = load_config(
+        str(REPO / "configs" / "smoke.yaml"),
+        ["train.epochs=5", "run.name=x", "train.sync_bn=true", "train.betas=[0.0,0.9]", "train.max_steps=7"],
+    )
     assert cfg.train.epochs == 5 and cfg.run.dir == "runs/x" and cfg.train.sync_bn == "true"
     assert cfg.train.betas == [0.0, 0.9] and cfg.train.max_steps == 7
     assert isinstance(cfg, Config)

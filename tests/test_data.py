@@ -7,7 +7,15 @@ import torch
 
 from tests.conftest import write_image_tree
 from trainer.config import DataConfig
-from trainer.data import CIFAR10Images, FakeImages, ImageFiles, build_dataloader, build_dataset, pil_to_uint8, to_model_input
+from trainer.data import (
+    CIFAR10Images,
+    FakeImages,
+    ImageFiles,
+    build_dataloader,
+    build_dataset,
+    pil_to_uint8,
+    to_model_input,
+)
 from trainer.errors import DataError
 
 

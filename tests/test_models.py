@@ -34,8 +34,11 @@ def test_shapes(resolution):
 def test_init_is_dcgan_and_identical_for_a_seed():
     g1, d1 = build_models(ModelConfig(), seed=3, sync_bn=False)
     g2, d2 = build_models(ModelConfig(), seed=3, sync_bn=False)
-    for a, b in zip(list(g1.state_dict().values()) + list(d1.state_dict().values()),
-                    list(g2.state_dict().values()) + list(d2.state_dict().values()), strict=True):
+    for a, b in zip(
+        list(g1.state_dict().values()) + list(d1.state_dict().values()),
+        list(g2.state_dict().values()) + list(d2.state_dict().values()),
+        strict=True,
+    ):
         assert torch.equal(a, b)
     w = torch.cat([c.weight.flatten() for c in _convs(g1, nn.ConvTranspose2d)])
     assert abs(w.mean().item()) < 1e-3 and abs(w.std().item() - 0.02) < 1e-3

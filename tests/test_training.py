@@ -51,8 +51,16 @@ def test_one_process_fake_run_and_exported_generator(tmp_path):
 
 def test_one_process_folder_run(tmp_path, image_tree):
     run_dir = tmp_path / "run"
-    run_trainer(smoke_args(run_dir, "data.source=folder", f"data.root={image_tree}", "train.batch_size=8",
-                           "train.epochs=2", "train.mixed_precision=bf16"))
+    run_trainer(
+        smoke_args(
+            run_dir,
+            "data.source=folder",
+            f"data.root={image_tree}",
+            "train.batch_size=8",
+            "train.epochs=2",
+            "train.mixed_precision=bf16",
+        )
+    )
     _assert_run_outputs(run_dir, 10)  # 40 images / 8 = 5 steps/epoch
 
 
@@ -119,8 +127,14 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
     run_trainer(smoke_args(reference, *args))
 
-    proc = subprocess.Popen(launch_command(smoke_args(crashed, *args)), cwd=REPO, env=trainer_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        launch_command(smoke_args(crashed, *args)),
+        cwd=REPO,
+        env=trainer_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         _wait_for(crashed / "checkpoints" / "step-00000016", proc, timeout=120)
         proc.send_signal(signal.SIGKILL)

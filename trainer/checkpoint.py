@@ -114,6 +114,15 @@ def verify(path: Path) -> str | None:
     return None
 
 
+def _free_name(path: Path, tag: str) -> Path:
+    """`step-00000020.damaged`, or `.damaged-2`, ...: a name that no checkpoint pattern matches."""
+    candidate, n = path.with_name(f"{path.name}.{tag}"), 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.{tag}-{n}")
+    return candidate
+
+
 class Checkpointer:
     def __init__(self, run_dir: Path, accelerator: Accelerator, keep: int) -> None:
         self.dir = Path(run_dir) / "checkpoints"
@@ -155,14 +164,17 @@ class Checkpointer:
                 _fsync_file(file)
                 files[file.name] = {"size": file.stat().st_size, "sha256": _sha256(file)}
             manifest = tmp / MANIFEST
-            manifest.write_text(json.dumps({"format_version": FORMAT_VERSION, "step": state.step, "files": files}, indent=2))
+            manifest.write_text(
+                json.dumps({"format_version": FORMAT_VERSION, "step": state.step, "files": files}, indent=2)
+            )
             _fsync_file(manifest)
             _fsync_dir(tmp)
-            if final.exists():  # same step saved by an earlier process that died before rotating
-                shutil.rmtree(tmp)
-            else:
-                os.replace(tmp, final)
-                _fsync_dir(self.dir)
+            if final.exists():  # cannot happen through `find_resume_point`; never overwrite one
+                aside = _free_name(final, "superseded")
+                warnings.warn(f"{final} already exists; it is kept as {aside}", stacklevel=2)
+                os.replace(final, aside)
+            os.replace(tmp, final)
+            _fsync_dir(self.dir)
             self._rotate()
         acc.wait_for_everyone()
         self.last_saved_step = state.step
@@ -173,12 +185,18 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
     # ---- resume ---------------------------------------------------------------------------
-    def find_resume_point(self, resume: str) -> Path | None:
-        """Which checkpoint to start from, decided on the main process and shared with all ranks."""
+    def find_resume_point(self, resume: str, cfg: Config) -> Path | None:
+        """Which checkpoint to start from, decided on the main process and shared with all ranks.
+
+        Refuses (CheckpointError) before anything is written: an incompatible or incomplete
+        checkpoint, `never` over existing checkpoints, or forking a run in place.
+        """
         choice: list[Any] = [None]
         if self.accelerator.is_main_process:
             try:
                 choice[0] = self._choose(resume)
+                if choice[0] is not None:
+                    _check_compatible(Path(choice[0]), cfg)
             except CheckpointError as exc:
                 choice[0] = exc
         broadcast_object_list(choice)
@@ -200,28 +218,35 @@ class Checkpointer:
                 problem = verify(candidate)
                 if problem is None:
                     return str(candidate)
+                # Renamed, never deleted: out of the way of resume, rotation and later saves.
+                aside = _free_name(candidate, "damaged")
+                os.replace(candidate, aside)
                 warnings.warn(
-                    f"checkpoint {candidate} is damaged ({problem}); it is kept as it is and the previous one is tried",
+                    f"checkpoint {candidate} is damaged ({problem}); kept as {aside}, trying the previous one",
                     stacklevel=2,
                 )
             return None
         path = Path(resume)
         if not path.is_dir():
-            raise CheckpointError(f"run.resume={resume!r} is not a directory; give a checkpoint directory, auto or never")
+            raise CheckpointError(
+                f"run.resume={resume!r} is not a directory; give a checkpoint directory, auto or never"
+            )
         problem = verify(path)
         if problem:
             raise CheckpointError(f"run.resume={resume!r} is not a complete checkpoint: {problem}")
+        newer = (
+            [p for p in self.complete() if p.name > path.name] if path.resolve().parent == self.dir.resolve() else []
+        )
+        if newer:
+            raise CheckpointError(
+                f"run.resume={resume!r} is older than {newer[-1].name} in the same run; continuing from it here "
+                f"would mix two histories. Start a new run from it: run.dir=<new dir> run.resume={resume}"
+            )
         return str(path)
 
-    def load(self, path: Path, cfg: Config) -> TrainState:
+    def load(self, path: Path) -> TrainState:
         """Collective. Restores models, optimizers, scaler and RNG; returns the train state."""
-        data = json.loads((path / TRAIN_STATE).read_text())
-        if data.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(
-                f"{path} has train-state format {data.get('format_version')}, this trainer reads {FORMAT_VERSION}"
-            )
-        state = TrainState.from_json(data)
-        _check_compatible(path, cfg, state)
+        state = TrainState.from_json(json.loads((path / TRAIN_STATE).read_text()))
         try:
             self.accelerator.load_state(str(path))
         except Exception as exc:  # safetensors/torch errors: shape mismatch, unsafe pickle, truncation
@@ -230,9 +255,15 @@ class Checkpointer:
         return state
 
 
-def _check_compatible(path: Path, cfg: Config, state: TrainState) -> None:
+def _check_compatible(path: Path, cfg: Config) -> None:
     from omegaconf import OmegaConf
 
+    data = json.loads((path / TRAIN_STATE).read_text())
+    if data.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has train-state format {data.get('format_version')}; this trainer reads {FORMAT_VERSION}"
+        )
+    state = TrainState.from_json(data)
     saved = OmegaConf.load(path / "config.yaml")
     mismatched = [
         f"model.{k}: checkpoint {saved.model[k]}, this run {getattr(cfg.model, k)}"

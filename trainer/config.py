@@ -106,7 +106,9 @@ def load_config(config_file: str | None = None, overrides: list[str] | tuple[str
     if config_file is not None:
         path = Path(config_file)
         if not path.is_file():
-            raise ConfigError(f"config file not found: {config_file}; pass an existing YAML, e.g. --config configs/smoke.yaml")
+            raise ConfigError(
+                f"config file not found: {config_file}; pass an existing YAML, e.g. --config configs/smoke.yaml"
+            )
         try:
             layer = OmegaConf.load(path)
         except Exception as exc:  # yaml.YAMLError and friends
@@ -143,7 +145,9 @@ def validate(cfg: Config) -> None:
     )
     cfg.train.mixed_precision = precision
     sync_bn = str(cfg.train.sync_bn).lower()
-    _require(sync_bn in ("auto", "true", "false"), f"train.sync_bn={cfg.train.sync_bn!r} is not one of auto, true, false")
+    _require(
+        sync_bn in ("auto", "true", "false"), f"train.sync_bn={cfg.train.sync_bn!r} is not one of auto, true, false"
+    )
     cfg.train.sync_bn = sync_bn
 
     res = cfg.model.resolution
@@ -151,9 +155,19 @@ def validate(cfg: Config) -> None:
         16 <= res <= 256 and res & (res - 1) == 0,
         f"model.resolution={res} is not supported; use a power of two from 16 to 256 (64 classic, 32 native CIFAR)",
     )
-    for key in ("model.nz", "model.ngf", "model.ndf", "train.batch_size", "train.epochs",
-                "ckpt.every_steps", "ckpt.keep", "log.every_steps", "log.sample_every_steps",
-                "log.sample_grid_size", "data.fake_size"):
+    for key in (
+        "model.nz",
+        "model.ngf",
+        "model.ndf",
+        "train.batch_size",
+        "train.epochs",
+        "ckpt.every_steps",
+        "ckpt.keep",
+        "log.every_steps",
+        "log.sample_every_steps",
+        "log.sample_grid_size",
+        "data.fake_size",
+    ):
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         _require(value >= 1, f"{key}={value} must be at least 1")
@@ -167,7 +181,10 @@ def validate(cfg: Config) -> None:
         len(cfg.train.betas) == 2 and all(0.0 <= b < 1.0 for b in cfg.train.betas),
         f"train.betas={list(cfg.train.betas)} must be two numbers in [0, 1), e.g. train.betas=[0.5,0.999]",
     )
-    _require(bool(cfg.run.name) and "/" not in cfg.run.name, f"run.name={cfg.run.name!r} must be a non-empty name without '/'")
+    _require(
+        bool(cfg.run.name) and "/" not in cfg.run.name,
+        f"run.name={cfg.run.name!r} must be a non-empty name without '/'",
+    )
     _require(bool(cfg.run.resume), "run.resume is empty; use auto, never, or a checkpoint directory")
     if cfg.data.source != "fake":
         _require(bool(cfg.data.root), f"data.root is empty; data.source={cfg.data.source} needs a directory")

@@ -18,6 +18,7 @@ class Console:
 
     def print(self, *objects: Any, **kwargs: Any) -> None:
         if self.enabled:
+            kwargs.setdefault("markup", False)  # log text such as "betas=[0.5, 0.999]" is not markup
             self._rich.print(*objects, **kwargs)
 
     def config(self, yaml_text: str) -> None:

@@ -43,9 +43,7 @@ class ImageFiles(Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"data.root={str(root)!r} is not a directory; point data.root at a folder of images")
-        self.files = sorted(
-            p for p in self.root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file()
-        )
+        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
         if not self.files:
             raise DataError(
                 f"no images ({', '.join(IMG_EXTENSIONS)}) under data.root={str(root)!r}; "
@@ -99,7 +97,9 @@ class FakeImages(Dataset):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         # Low-frequency colour blobs rather than white noise, so a GAN has something to learn.
         coarse = torch.rand(3, 4, 4, generator=g)
-        image = torch.nn.functional.interpolate(coarse[None], size=self.resolution, mode="bilinear", align_corners=False)[0]
+        image = torch.nn.functional.interpolate(
+            coarse[None], size=self.resolution, mode="bilinear", align_corners=False
+        )[0]
         return (image * 255).round().to(torch.uint8)
 
 

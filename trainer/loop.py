@@ -76,8 +76,13 @@ def _check_finite(metrics: dict[str, float], step: int, checkpoint: Path | None)
 
 def append_metrics(path: Path, state: TrainState, metrics: dict[str, float], images_per_s: float) -> None:
     """One JSON line per log step: a local record of the run that needs no tracker."""
-    record = {"step": state.step, "epoch": state.epoch, "images_seen": state.images_seen,
-              "images_per_s": images_per_s, **metrics}
+    record = {
+        "step": state.step,
+        "epoch": state.epoch,
+        "images_seen": state.images_seen,
+        "images_per_s": images_per_s,
+        **metrics,
+    }
     with open(path, "a") as fh:
         fh.write(json.dumps(record) + "\n")
 
@@ -90,7 +95,7 @@ def train(cfg: Config) -> RunSummary:
     console.config(to_yaml(cfg))
 
     checkpointer = Checkpointer(run_dir, accelerator, cfg.ckpt.keep)
-    resume_from = checkpointer.find_resume_point(cfg.run.resume)  # fails before anything is written
+    resume_from = checkpointer.find_resume_point(cfg.run.resume, cfg)  # fails before anything is written
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -107,9 +112,10 @@ def train(cfg: Config) -> RunSummary:
 
     state = TrainState(global_batch=cfg.train.batch_size)
     if resume_from is not None:
-        state = checkpointer.load(resume_from, cfg)
-        console.print(f"resumed from {resume_from} (step {state.step}, epoch {state.epoch}, "
-                      f"{state.step_in_epoch} steps into it)")
+        state = checkpointer.load(resume_from)
+        console.print(
+            f"resumed from {resume_from} (step {state.step}, epoch {state.epoch}, {state.step_in_epoch} steps into it)"
+        )
     steps_per_epoch = len(loader)
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps is not None:
@@ -124,8 +130,10 @@ def train(cfg: Config) -> RunSummary:
     samples_dir = run_dir / "samples"
     grid_noise = fixed_noise(cfg.log.sample_grid_size, cfg.model.nz, cfg.run.seed)
     if accelerator.is_main_process and not (samples_dir / "real.png").exists():
-        count = min(cfg.log.sample_grid_size, len(dataset))
-        save_real_grid(torch.stack([dataset[i] for i in range(count)]), samples_dir / "real.png")
+        # A seeded random pick: the first files of a sorted folder would all be one class.
+        picks = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.run.seed))
+        real_images = [dataset[int(i)] for i in picks[: cfg.log.sample_grid_size]]
+        save_real_grid(torch.stack(real_images), samples_dir / "real.png")
 
     gan_step = GANStep(accelerator, generator, discriminator, opt_g, opt_d, cfg.model.nz, cfg.run.seed)
     stop = StopRequest(run_dir, accelerator)
@@ -185,7 +193,9 @@ def train(cfg: Config) -> RunSummary:
         if state.step % cfg.log.sample_every_steps and state.step_in_epoch:
             sample(f"step_{state.step:08d}.png")
         export_weights(unwrapped_g, run_dir / "generator.safetensors", cfg.model, state.step)
-        export_weights(accelerator.unwrap_model(discriminator), run_dir / "discriminator.safetensors", cfg.model, state.step)
+        export_weights(
+            accelerator.unwrap_model(discriminator), run_dir / "discriminator.safetensors", cfg.model, state.step
+        )
     elapsed = time.perf_counter() - start_time
     accelerator.wait_for_everyone()
     summary = RunSummary(

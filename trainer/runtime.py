@@ -14,13 +14,8 @@ from trainer.errors import ConfigError
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
-    env_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if env_precision and env_precision != cfg.train.mixed_precision:
-        warnings.warn(
-            f"accelerate's mixed precision '{env_precision}' is ignored; this run uses "
-            f"train.mixed_precision={cfg.train.mixed_precision} (set it in the config or on the command line)",
-            stacklevel=2,
-        )
+    # train.mixed_precision is the one setting: it overrides `accelerate launch --mixed_precision`
+    # (Accelerate gives the constructor argument precedence over its launcher's environment).
     # torch >= 2.13 deprecates DDP's broadcast_buffers, which Accelerate always passes; its
     # replacement would not skip the init-time buffer sync that broadcast_buffers=False skips, and
     # Accelerate cannot pass it yet. Behaviour is unchanged, so keep the log clean.
