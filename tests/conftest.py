@@ -103,3 +103,11 @@ def write_image_tree(root: Path, count: int, sizes=((32, 32), (40, 48), (64, 64)
 @pytest.fixture
 def image_tree(tmp_path: Path) -> Path:
     return write_image_tree(tmp_path / "images", 40)
+
+
+SUMMARY_LINES: list[str] = []  # figures that tests report (e.g. the crash harness), printed at the end
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    for line in SUMMARY_LINES:
+        terminalreporter.write_line(line)

@@ -9,7 +9,9 @@ Layout of `<run.dir>/checkpoints/`:
         train_state.json      step, epoch, step in epoch, tracker run id, ...
         config.yaml           the resolved config of the run that wrote it
         manifest.json         size and sha256 of every file above; written last
+        [generator_ema.safetensors]   EMA of G when train.ema_decay is set (trainer/ema.py)
     .tmp-step-00001500/       a save in progress, or one a crash interrupted: never loaded
+    best.json                 the checkpoint with the best FID so far: rotation never removes it
 
 A save writes into the temporary directory, fsyncs every file, writes the manifest, then renames
 the directory: a crash at any point leaves either no `step-*` directory or a complete one.
@@ -23,7 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import pickle
 import re
 import shutil
 import warnings
@@ -33,13 +37,15 @@ from typing import Any
 
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
+from accelerate.utils import load as accelerate_load
 
 from trainer.config import Config, to_yaml
-from trainer.errors import CheckpointError
+from trainer.errors import CheckpointError, CheckpointWriteError
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 MANIFEST = "manifest.json"
 TRAIN_STATE = "train_state.json"
+BEST = "best.json"
 FORMAT_VERSION = 1
 
 
@@ -58,6 +64,7 @@ class TrainState:
     tracker_run_id: str | None = None
     skipped_steps_d: int = 0  # fp16 steps the grad scaler skipped (overflow)
     skipped_steps_g: int = 0
+    rollbacks: int = 0  # reloads after non-finite losses (train.on_nonfinite=rollback)
 
     @property
     def images_seen(self) -> int:
@@ -154,35 +161,85 @@ class Checkpointer:
             if tmp.exists():  # left by a crash during an earlier save of this step
                 shutil.rmtree(tmp)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()  # every rank's RNG file is written
-        if acc.is_main_process:
-            (tmp / TRAIN_STATE).write_text(json.dumps(state.to_json(), indent=2))
-            (tmp / "config.yaml").write_text(to_yaml(cfg))
-            files = {}
-            for file in sorted(p for p in tmp.iterdir() if p.is_file()):
-                _fsync_file(file)
-                files[file.name] = {"size": file.stat().st_size, "sha256": _sha256(file)}
-            manifest = tmp / MANIFEST
-            manifest.write_text(
-                json.dumps({"format_version": FORMAT_VERSION, "step": state.step, "files": files}, indent=2)
-            )
-            _fsync_file(manifest)
-            _fsync_dir(tmp)
-            if final.exists():  # cannot happen through `find_resume_point`; never overwrite one
-                aside = _free_name(final, "superseded")
-                warnings.warn(f"{final} already exists; it is kept as {aside}", stacklevel=2)
-                os.replace(final, aside)
-            os.replace(tmp, final)
-            _fsync_dir(self.dir)
-            self._rotate()
+        try:
+            acc.save_state(str(tmp))
+            acc.wait_for_everyone()  # every rank's RNG file is written
+            if acc.is_main_process:
+                self._finish(tmp, final, state, cfg)
+        except Exception as exc:  # disk full, quota, I/O error: keep what is complete, stop clearly
+            # Writers report a full disk differently (OSError, SafetensorError, torch's RuntimeError
+            # "unexpected pos"), so catch them all; a partial .tmp dir is never loadable anyway.
+            shutil.rmtree(tmp, ignore_errors=True)
+            newest = self.newest()
+            free = shutil.disk_usage(self.dir).free if self.dir.exists() else 0
+            needed = sum(f.stat().st_size for f in newest.iterdir()) if newest else 0
+            reason = (getattr(exc, "strerror", None) or str(exc) or type(exc).__name__).splitlines()[0][:200]
+            if free < needed:  # torch.save reports a full disk as "unexpected pos": say it plainly
+                reason = f"the disk is full: {free / 2**20:.1f} MiB free, a checkpoint takes {needed / 2**20:.1f} MiB; {reason}"
+            raise CheckpointWriteError(
+                f"could not write checkpoint {final.name} in {self.dir} ({reason}); "
+                f"earlier checkpoints are intact (newest: {newest.name if newest else 'none'}). "
+                "Free space or fix the storage, then run the same command to resume"
+            ) from None
         acc.wait_for_everyone()
         self.last_saved_step = state.step
         return final
 
+    def _finish(self, tmp: Path, final: Path, state: TrainState, cfg: Config) -> None:
+        """Main process: train state, config, fsync, manifest last, then the atomic rename."""
+        (tmp / TRAIN_STATE).write_text(json.dumps(state.to_json(), indent=2))
+        (tmp / "config.yaml").write_text(to_yaml(cfg))
+        files = {}
+        for file in sorted(p for p in tmp.iterdir() if p.is_file()):
+            _fsync_file(file)
+            files[file.name] = {"size": file.stat().st_size, "sha256": _sha256(file)}
+        manifest = tmp / MANIFEST
+        manifest.write_text(json.dumps({"format_version": FORMAT_VERSION, "step": state.step, "files": files}, indent=2))
+        _fsync_file(manifest)
+        _fsync_dir(tmp)
+        if final.exists():  # cannot happen through `find_resume_point`; never overwrite one
+            aside = _free_name(final, "superseded")
+            warnings.warn(f"{final} already exists; it is kept as {aside}", stacklevel=2)
+            os.replace(final, aside)
+        os.replace(tmp, final)
+        _fsync_dir(self.dir)
+        self._rotate()
+
     def _rotate(self) -> None:
+        best = (self.best() or {}).get("checkpoint")
         for old in self.complete()[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.name != best:  # the best checkpoint is kept beside the newest ones
+                shutil.rmtree(old, ignore_errors=True)
+
+    # ---- best checkpoint (lowest FID) -------------------------------------------------------
+    def best(self) -> dict[str, Any] | None:
+        """The best checkpoint's record ({"checkpoint": "step-...", "step": ..., "fid": ...}), if any."""
+        try:
+            return json.loads((self.dir / BEST).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def keep_if_best(self, state: TrainState, cfg: Config, fid: float, details: dict[str, Any]) -> bool:
+        """Collective. If `fid` beats the best so far: checkpoint this step (if not saved already),
+        record it in best.json (atomically) and let the previous best go. Returns whether it did."""
+        acc = self.accelerator
+        decision = [False]
+        if acc.is_main_process:
+            best = self.best()
+            decision[0] = math.isfinite(fid) and (best is None or fid < best["fid"])
+        broadcast_object_list(decision)
+        if not decision[0]:
+            return False
+        path = self.save(state, cfg)
+        if acc.is_main_process:
+            tmp = self.dir / f".tmp-{BEST}"
+            tmp.write_text(json.dumps({"checkpoint": path.name, "step": state.step, "fid": fid, **details}, indent=2))
+            _fsync_file(tmp)
+            os.replace(tmp, self.dir / BEST)
+            _fsync_dir(self.dir)
+            self._rotate()
+        acc.wait_for_everyone()
+        return True
 
     # ---- resume ---------------------------------------------------------------------------
     def find_resume_point(self, resume: str, cfg: Config) -> Path | None:
@@ -197,6 +254,7 @@ class Checkpointer:
                 choice[0] = self._choose(resume)
                 if choice[0] is not None:
                     _check_compatible(Path(choice[0]), cfg)
+                    _check_no_code_in_pickles(Path(choice[0]))
             except CheckpointError as exc:
                 choice[0] = exc
         broadcast_object_list(choice)
@@ -214,16 +272,25 @@ class Checkpointer:
                 )
             return None
         if resume == "auto":
+            damaged: list[tuple[Path, str]] = []
             for candidate in reversed(self.complete()):
                 problem = verify(candidate)
                 if problem is None:
+                    for bad, why in damaged:
+                        # Renamed, never deleted: out of the way of resume, rotation and later saves.
+                        aside = _free_name(bad, "damaged")
+                        os.replace(bad, aside)
+                        warnings.warn(
+                            f"checkpoint {bad} is damaged ({why}); kept as {aside}, resuming from {candidate.name}",
+                            stacklevel=2,
+                        )
                     return str(candidate)
-                # Renamed, never deleted: out of the way of resume, rotation and later saves.
-                aside = _free_name(candidate, "damaged")
-                os.replace(candidate, aside)
-                warnings.warn(
-                    f"checkpoint {candidate} is damaged ({problem}); kept as {aside}, trying the previous one",
-                    stacklevel=2,
+                damaged.append((candidate, problem))
+            if damaged:
+                listed = "; ".join(f"{p.name}: {why}" for p, why in damaged[:3])
+                raise CheckpointError(
+                    f"every checkpoint in {self.dir} is damaged ({listed}); nothing was changed. "
+                    "Restore one from a copy, or start over in a new run.dir"
                 )
             return None
         path = Path(resume)
@@ -253,6 +320,25 @@ class Checkpointer:
             raise CheckpointError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
         self.last_saved_step = state.step
         return state
+
+
+def _check_no_code_in_pickles(path: Path) -> None:
+    """Refuse a checkpoint whose pickled files hold anything but tensors and plain data.
+
+    Accelerate already loads optimizer and scaler states with `weights_only=True`, but it swallows
+    any error while loading RNG states; this check covers every pickle file, up front, so a
+    tampered checkpoint is refused with a clear error instead of being half loaded.
+    """
+    for file in sorted(path.iterdir()):
+        if file.suffix in (".bin", ".pkl", ".pt", ".pth"):
+            try:
+                accelerate_load(file, map_location="cpu")  # weights_only=True, numpy RNG arrays allowed
+            except pickle.UnpicklingError as exc:
+                reason = str(exc).strip().splitlines()[-1][:200]
+                raise CheckpointError(
+                    f"refusing to load {file}: it holds pickled objects that could run code ({reason}); "
+                    "only load checkpoints written by this trainer"
+                ) from None
 
 
 def _check_compatible(path: Path, cfg: Config) -> None:

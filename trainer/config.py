@@ -33,6 +33,7 @@ class DataConfig:
     download: bool = True
     num_workers: int = 2
     fake_size: int = 1024  # number of images of the `fake` source
+    bad_files: Literal["error", "skip"] = "error"  # unreadable files in a `folder` source: stop, or skip them
 
 
 @dataclass
@@ -53,6 +54,10 @@ class TrainConfig:
     # str, not Literal: YAML reads a bare `no` as false, which must still mean "no"
     mixed_precision: str = "bf16"  # no | fp16 | bf16
     sync_bn: str = "auto"  # auto | true | false (YAML booleans accepted)
+    on_nonfinite: Literal["stop", "rollback"] = "stop"  # NaN/inf losses: stop, or reload the newest checkpoint
+    max_rollbacks: int = 3  # with on_nonfinite=rollback: give up (stop) after this many
+    # EMA of the generator's weights (e.g. 0.999), used for evaluation and samples; null or 0: off (classic)
+    ema_decay: float | None = None
 
 
 @dataclass
@@ -66,6 +71,31 @@ class LogConfig:
     every_steps: int = 50
     sample_every_steps: int = 500
     sample_grid_size: int = 64  # images in each fixed-noise grid
+    tracker: Literal["wandb", "tensorboard", "none"] = "wandb"  # dashboards, from rank 0 (trainer/tracking.py)
+    wandb_project: str = "dcgan-trainer"
+    wandb_entity: str | None = None  # W&B user or team; default: the account's default entity
+    wandb_tags: list[str] = field(default_factory=list)
+    wandb_group: str | None = None  # default: $SLURM_JOB_ID when set
+    wandb_mode: Literal["auto", "online", "offline"] = "auto"  # auto: online with credentials, offline without
+
+
+@dataclass
+class EvalConfig:
+    """FID / IS / KID during training and in `python -m trainer.evaluate` (trainer/metrics.py)."""
+
+    every_epochs: int | None = 5  # evaluate every N epochs and at the end; null (with every_steps null): off
+    every_steps: int | None = None  # or every N steps
+    num_samples: int = 10000  # generated images per evaluation (50000 for the standard protocol)
+    batch_size: int = 250  # images per forward pass on each process (generation and features)
+    seed: int = 0  # latent i of every evaluation depends only on (eval.seed, i)
+    # a torch-fidelity feature extractor name, or module:Class of a registered FeatureExtractorBase subclass
+    feature_extractor: str = "inception-v3-compat"
+    feature_extractor_weights: str | None = None  # local weights file for clusters without internet
+    split: str = "train"  # real images to compare with: train | test (test: cifar10 only)
+    num_real: int | None = None  # real images in the reference statistics; null: the whole split
+    cache_dir: str | None = None  # reference statistics cache; null: $XDG_CACHE_HOME/dcgan-trainer or ~/.cache/...
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000  # capped at the number of real and generated images
 
 
 @dataclass
@@ -76,6 +106,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _first_line(exc: OmegaConfBaseException) -> str:
@@ -171,6 +202,7 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         _require(value >= 1, f"{key}={value} must be at least 1")
+    _require(cfg.train.max_rollbacks >= 0, f"train.max_rollbacks={cfg.train.max_rollbacks} must be 0 or more")
     _require(cfg.data.num_workers >= 0, f"data.num_workers={cfg.data.num_workers} must be 0 or more")
     _require(
         cfg.train.max_steps is None or cfg.train.max_steps >= 1,
@@ -186,8 +218,44 @@ def validate(cfg: Config) -> None:
         f"run.name={cfg.run.name!r} must be a non-empty name without '/'",
     )
     _require(bool(cfg.run.resume), "run.resume is empty; use auto, never, or a checkpoint directory")
+    _require(
+        bool(cfg.log.wandb_project) and "/" not in cfg.log.wandb_project,
+        f"log.wandb_project={cfg.log.wandb_project!r} must be a non-empty name without '/'",
+    )
     if cfg.data.source != "fake":
         _require(bool(cfg.data.root), f"data.root is empty; data.source={cfg.data.source} needs a directory")
+    _validate_eval(cfg)
+
+
+def _validate_eval(cfg: Config) -> None:
+    decay = cfg.train.ema_decay
+    _require(
+        decay is None or 0.0 <= decay < 1.0,
+        f"train.ema_decay={decay} must be in [0, 1), e.g. 0.999, or null (0 and null: no EMA)",
+    )
+    if decay == 0.0:
+        cfg.train.ema_decay = None
+    ev = cfg.eval
+    for key in ("every_epochs", "every_steps", "num_real"):
+        value = getattr(ev, key)
+        _require(value is None or value >= 1, f"eval.{key}={value} must be at least 1, or null")
+    for key in ("batch_size", "kid_subsets"):
+        _require(getattr(ev, key) >= 1, f"eval.{key}={getattr(ev, key)} must be at least 1")
+    # Inception Score splits the samples into 10 parts; FID needs a covariance (2+) and KID subsets (2+).
+    _require(ev.num_samples >= 10, f"eval.num_samples={ev.num_samples} must be at least 10 (10000 is usual)")
+    _require(ev.kid_subset_size >= 2, f"eval.kid_subset_size={ev.kid_subset_size} must be at least 2")
+    _require(ev.seed >= 0, f"eval.seed={ev.seed} must be 0 or more")
+    _require(ev.split in ("train", "test"), f"eval.split={ev.split!r} is not one of train, test")
+    _require(
+        ev.split == "train" or cfg.data.source == "cifar10",
+        f"eval.split=test needs data.source=cifar10; for data.source={cfg.data.source} point data.root "
+        "at the folder to compare with and keep eval.split=train",
+    )
+    _require(bool(ev.feature_extractor), "eval.feature_extractor is empty; e.g. eval.feature_extractor=inception-v3-compat")
+
+
+def evaluation_enabled(cfg: Config) -> bool:
+    return cfg.eval.every_epochs is not None or cfg.eval.every_steps is not None
 
 
 def to_yaml(cfg: Config) -> str:

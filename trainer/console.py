@@ -1,31 +1,164 @@
-"""Console output from the main process only; other ranks stay quiet unless something is wrong."""
+"""Console output from the main process only: a config table, progress, and a summary table.
+
+On a terminal, a live rich progress display (epoch, step, images/s, losses, elapsed time, ETA)
+sits below the log lines. Anywhere else (Slurm logs, pipes, files) there is no live display and
+no control sequences: only the same plain log line every `log.every_steps`, so the log stays
+readable. Other ranks print nothing here; their warnings and errors still reach stderr.
+"""
 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from accelerate import Accelerator
+from rich import box
 from rich.console import Console as RichConsole
-from rich.syntax import Syntax
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+if TYPE_CHECKING:
+    from trainer.loop import RunSummary
+
+PLAIN_WIDTH = 160  # without a terminal: wide enough that table rows with paths stay on one line
 
 
 class Console:
     def __init__(self, accelerator: Accelerator) -> None:
         self.enabled = accelerator.is_main_process
-        # Without a terminal (Slurm logs, pipes) rich writes plain text, no control sequences.
-        self._rich = RichConsole(file=sys.stdout, highlight=False, soft_wrap=True)
+        probe = RichConsole(file=sys.stdout)
+        self.interactive = self.enabled and probe.is_terminal and not probe.is_dumb_terminal
+        self._rich = RichConsole(
+            file=sys.stdout,
+            highlight=False,
+            soft_wrap=True,
+            width=None if self.interactive else PLAIN_WIDTH,
+            # Without a terminal rich writes plain text, but FORCE_COLOR would still add colour codes.
+            no_color=not self.interactive,
+        )
+        self._progress: Progress | None = None
+        self._task: Any = None
 
     def print(self, *objects: Any, **kwargs: Any) -> None:
         if self.enabled:
             kwargs.setdefault("markup", False)  # log text such as "betas=[0.5, 0.999]" is not markup
             self._rich.print(*objects, **kwargs)
 
-    def config(self, yaml_text: str) -> None:
-        if self.enabled:
-            self._rich.rule("resolved config")
-            self._rich.print(Syntax(yaml_text.rstrip(), "yaml", theme="ansi_dark", background_color="default"))
-            self._rich.rule()
+    # ---- start ---------------------------------------------------------------------------
+    def config(self, config: Mapping[str, Any], path: str) -> None:
+        """The resolved config as a table of dotted keys, grouped by section."""
+        if not self.enabled:
+            return
+        table = Table(title=f"resolved config ({path})", box=box.SIMPLE_HEAD, title_justify="left")
+        table.add_column("key", no_wrap=True)
+        table.add_column("value", overflow="fold")
+        for section, values in config.items():
+            rows = (
+                [(f"{section}.{k}", v) for k, v in values.items()]
+                if isinstance(values, Mapping)
+                else [(section, values)]
+            )
+            for index, (key, value) in enumerate(rows):
+                # Text, not str: rich would read a value such as [a, b] as markup and drop it
+                table.add_row(key, Text(_format_value(value)), end_section=index == len(rows) - 1)
+        self._rich.print(table)
+
+    # ---- during training -----------------------------------------------------------------
+    def start_progress(self, step: int, total_steps: int, epoch: int) -> None:
+        """On a terminal only: the live progress display (advanced every step, values every log step)."""
+        if not self.interactive:
+            return
+        self._progress = Progress(
+            TextColumn("epoch {task.fields[epoch]}"),
+            BarColumn(),
+            TextColumn("step"),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[speed]}"),
+            TextColumn("{task.fields[losses]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=self._rich,
+            transient=True,  # the log lines and the summary stay; the bar goes when training ends
+        )
+        self._task = self._progress.add_task(
+            "train", total=total_steps, completed=step, epoch=epoch, speed="", losses=""
+        )
+        self._progress.start()
+
+    def advance(self, step: int, epoch: int) -> None:
+        """Per step: host-side numbers only, nothing is read from the device."""
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, epoch=epoch)
+
+    def log_step(
+        self, step: int, total_steps: int, epoch: int, metrics: Mapping[str, float], images_per_s: float, eta_s: float
+    ) -> None:
+        """The periodic line (both modes); on a terminal it also refreshes the progress display."""
+        if not self.enabled:
+            return
+        self.print(
+            f"step {step}/{total_steps} epoch {epoch} | {format_metrics(metrics)} | {images_per_s:.0f} img/s "
+            f"| eta {format_duration(eta_s)}"
+        )
+        if self._progress is not None:
+            losses = " ".join(f"{name} {metrics[name]:.3f}" for name in ("loss_D", "loss_G", "D(x)") if name in metrics)
+            self._progress.update(self._task, speed=f"{images_per_s:.0f} img/s", losses=losses)
+
+    def stop_progress(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    # ---- end -----------------------------------------------------------------------------
+    def summary(self, summary: RunSummary, tracking: Sequence[tuple[str, str]]) -> None:
+        """The end-of-run table: how it went and where everything is."""
+        if not self.enabled:
+            return
+        status = (
+            f"stopped ({summary.stop_reason}); run the same command to resume" if summary.stopped_early else "finished"
+        )
+        run_dir = summary.run_dir
+        rows = [
+            ("status", status),
+            ("steps", f"{summary.step}/{summary.total_steps} (epoch {summary.epoch})"),
+            ("wall time", f"{format_duration(summary.wall_time_s)} (this start)"),
+            ("images/s", f"{summary.images_per_s:.0f} (global, this start)"),
+            ("final metrics", format_metrics(summary.last_metrics) or "none logged"),
+            ("checkpoint", str(summary.checkpoint)),
+            ("samples", str(run_dir / "samples")),
+            ("weights", f"{run_dir / 'generator.safetensors'}, {run_dir / 'discriminator.safetensors'}"),
+            ("metrics", str(run_dir / "metrics.jsonl")),
+            *tracking,
+        ]
+        table = Table(title="run summary", box=box.SIMPLE_HEAD, show_header=False, title_justify="left")
+        table.add_column("what", no_wrap=True)
+        table.add_column("value", overflow="fold")
+        for name, value in rows:
+            table.add_row(name, Text(value))
+        self._rich.print(table)
+
+
+def format_metrics(metrics: Mapping[str, float]) -> str:
+    """The step metrics of a log line: losses | D outputs (fake: before -> after the G step) | gradient norms."""
+    parts = []
+    if "loss_D" in metrics and "loss_G" in metrics:
+        parts.append(f"loss_D {metrics['loss_D']:.4f} loss_G {metrics['loss_G']:.4f}")
+    if "D(x)" in metrics and "D(G(z))_before" in metrics and "D(G(z))_after" in metrics:
+        parts.append(
+            f"D(x) {metrics['D(x)']:.4f} D(G(z)) {metrics['D(G(z))_before']:.4f} -> {metrics['D(G(z))_after']:.4f}"
+        )
+    if "grad_norm_D" in metrics and "grad_norm_G" in metrics:
+        parts.append(f"grad norm D {metrics['grad_norm_D']:.3g} G {metrics['grad_norm_G']:.3g}")
+    return " | ".join(parts)
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return "null" if value is None else str(value)
 
 
 def format_duration(seconds: float) -> str:

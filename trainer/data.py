@@ -9,9 +9,14 @@ bytes of float batches cross the host-to-device copy.
 from __future__ import annotations
 
 import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
@@ -43,13 +48,40 @@ class ImageFiles(Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"data.root={str(root)!r} is not a directory; point data.root at a folder of images")
-        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+        all_files = [p for p in self.root.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        self.files = sorted(p for p in all_files if p.suffix.lower() in IMG_EXTENSIONS)
+        self.ignored = sorted(p for p in all_files if p.suffix.lower() not in IMG_EXTENSIONS)
         if not self.files:
             raise DataError(
                 f"no images ({', '.join(IMG_EXTENSIONS)}) under data.root={str(root)!r}; "
                 "point data.root at an ImageFolder tree such as <cifar10-jpg>/train"
             )
         self.transform = transform
+
+    def drop_unreadable(self, unreadable: list[tuple[str, str]], policy: str, warn: bool) -> None:
+        """Report unreadable files; with policy `skip` train without them, else stop (DataError)."""
+        if self.ignored and warn:
+            warnings.warn(
+                f"ignoring {len(self.ignored)} files without an image extension under {self.root} "
+                f"(e.g. {self.ignored[0]})",
+                stacklevel=2,
+            )
+        if not unreadable:
+            return
+        listed = ", ".join(f"{path} ({reason})" for path, reason in unreadable[:3])
+        more = f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""
+        summary = (
+            f"{len(unreadable)} of {len(self.files)} image files under data.root={str(self.root)!r} "
+            f"are unreadable: {listed}{more}"
+        )
+        if policy != "skip":
+            raise DataError(f"{summary}; fix or remove them, or set data.bad_files=skip to train without them")
+        bad = {path for path, _ in unreadable}
+        self.files = [p for p in self.files if str(p) not in bad]
+        if not self.files:
+            raise DataError(f"{summary}: no readable image is left; point data.root at a folder of images")
+        if warn:
+            warnings.warn(f"{summary}; skipped (data.bad_files=skip)", stacklevel=2)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -59,13 +91,13 @@ class ImageFiles(Dataset):
 
 
 class CIFAR10Images(Dataset):
-    """torchvision's CIFAR10 training set, images only."""
+    """torchvision's CIFAR10 training set (or, with train=False, its test set), images only."""
 
-    def __init__(self, root: str, download: bool, transform: transforms.Compose) -> None:
+    def __init__(self, root: str, download: bool, transform: transforms.Compose, train: bool = True) -> None:
         from torchvision.datasets import CIFAR10
 
         try:
-            self.dataset = CIFAR10(root=root, train=True, download=download, transform=transform)
+            self.dataset = CIFAR10(root=root, train=train, download=download, transform=transform)
         except Exception as exc:  # URLError, RuntimeError("Dataset not found or corrupted"), OSError
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise DataError(
@@ -111,6 +143,38 @@ def build_dataset(cfg: DataConfig, resolution: int, seed: int) -> Dataset:
     return CIFAR10Images(cfg.root, cfg.download, pil_to_uint8(resolution))
 
 
+def find_unreadable(files: list[Path], workers: int | None = None) -> list[tuple[str, str]]:
+    """(path, reason) of every file PIL cannot fully decode: zero-byte, truncated, not an image.
+
+    A full decode, because a truncated JPEG passes `Image.verify()`; PIL releases the GIL while
+    decoding, so threads scale (about 8k CIFAR-size JPEGs per second per core).
+    """
+
+    def check(path: Path) -> tuple[str, str] | None:
+        try:
+            with Image.open(path) as image:
+                image.load()
+            return None
+        except Exception as exc:  # PIL raises many types: UnidentifiedImageError, OSError, SyntaxError...
+            reason = "empty file" if path.stat().st_size == 0 else (str(exc).splitlines() or [type(exc).__name__])[0]
+            return str(path), reason[:120]
+
+    with ThreadPoolExecutor(workers or min(32, os.cpu_count() or 1)) as pool:
+        return [found for found in pool.map(check, files) if found is not None]
+
+
+def load_dataset(cfg: DataConfig, resolution: int, seed: int, accelerator: Accelerator) -> Dataset:
+    """`build_dataset` for a run: a download happens once (main process first); folder images are
+    checked once (main process) and `data.bad_files` applied alike on every rank, before training."""
+    with accelerator.main_process_first():
+        dataset = build_dataset(cfg, resolution, seed)
+    if isinstance(dataset, ImageFiles):
+        found: list = [find_unreadable(dataset.files) if accelerator.is_main_process else None]
+        broadcast_object_list(found)
+        dataset.drop_unreadable(found[0], cfg.bad_files, warn=accelerator.is_main_process)
+    return dataset
+
+
 def build_dataloader(dataset: Dataset, global_batch: int, num_workers: int) -> DataLoader:
     """A loader of GLOBAL batches; `accelerator.prepare` (split_batches=True) hands each rank its slice.
 
@@ -136,3 +200,11 @@ def build_dataloader(dataset: Dataset, global_batch: int, num_workers: int) -> D
 def to_model_input(batch: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float [-1, 1], on whatever device the batch is."""
     return batch.float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] -> uint8 [0, 255], the inverse of `to_model_input`: generated images quantized like real ones.
+
+    Rounds half up, as torchvision's `save_image` does, so a saved PNG holds exactly these values.
+    """
+    return images.float().add(1.0).mul_(127.5).add_(0.5).clamp_(0, 255).to(torch.uint8)

@@ -19,7 +19,25 @@ class CheckpointError(UserError):
     pass
 
 
-class DivergenceError(Exception):
-    """Training produced non-finite losses; the message names the network, the step and the checkpoint."""
+class TrackingError(UserError):
+    """W&B cannot start as asked (online without credentials, ...)."""
+
+
+class EvaluationError(UserError):
+    """FID / IS / KID cannot run as asked (missing feature-extractor weights, unknown extractor, ...)."""
+
+
+class RunError(Exception):
+    """The run cannot go on (disk full, ...): the message says what was kept and what to do. Exit 1."""
+
+    exit_code = 1
+
+
+class CheckpointWriteError(RunError):
+    pass
+
+
+class DivergenceError(RunError):
+    """Losses stopped being finite; the message names the network, the step and the checkpoint."""
 
     exit_code = 3

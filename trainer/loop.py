@@ -7,8 +7,9 @@ saving and loading in `checkpoint.py`; output files in `snapshots.py`.
 from __future__ import annotations
 
 import json
-import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,15 +17,19 @@ import torch
 from accelerate import Accelerator
 
 from trainer.checkpoint import Checkpointer, TrainState
-from trainer.config import Config, to_yaml
+from trainer.config import Config, evaluation_enabled, to_dict, to_yaml
 from trainer.console import Console, format_duration
-from trainer.data import build_dataloader, build_dataset, to_model_input
-from trainer.errors import DivergenceError
+from trainer.data import build_dataloader, load_dataset, to_model_input
+from trainer.ema import EMA_FILE, GeneratorEMA
+from trainer.errors import DivergenceError, RunError
+from trainer.health import NonFinite, NonFiniteWatch
+from trainer.metrics import Evaluator
 from trainer.models import build_models
 from trainer.runtime import build_accelerator, check_against_hardware
 from trainer.snapshots import export_weights, fixed_noise, save_generator_grid, save_real_grid
 from trainer.step import GANStep
 from trainer.stopping import StopRequest
+from trainer.tracking import Tracker, host_metrics
 
 
 @dataclass
@@ -53,36 +58,38 @@ class MetricMeter:
             self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
         self.count += 1
 
+    def reset(self) -> None:
+        self.sums, self.count = {}, 0
+
     def mean_across_ranks(self, accelerator: Accelerator) -> dict[str, float]:
         if not self.count:
             return {}
         names = list(self.sums)
         local = torch.stack([self.sums[n].float() for n in names]) / self.count
         values = accelerator.reduce(local, reduction="mean").tolist()
-        self.sums, self.count = {}, 0
+        self.reset()
         return dict(zip(names, values, strict=True))
 
 
-def _check_finite(metrics: dict[str, float], step: int, checkpoint: Path | None) -> None:
-    bad = [name for name in ("loss_D", "loss_G") if name in metrics and not math.isfinite(metrics[name])]
-    if bad:
-        network = "discriminator" if bad[0] == "loss_D" else "generator"
-        raise DivergenceError(
-            f"{bad[0]} is {metrics[bad[0]]} by step {step}: the {network} diverged. "
-            f"Newest checkpoint: {checkpoint or 'none'}. Lower train.lr or use train.mixed_precision=no, "
-            "then resume with run.resume=<that checkpoint> or start a new run.dir"
-        )
+@contextmanager
+def _stop_if_write_fails(what: str, path: Path, checkpointer: Checkpointer) -> Iterator[None]:
+    """A full disk (or any write error) on run outputs stops the run with one clear line."""
+    try:
+        yield
+    except OSError as exc:
+        newest = checkpointer.newest()
+        raise RunError(
+            f"could not write the {what} ({path}: {exc.strerror or exc}); checkpoints are intact "
+            f"(newest: {newest.name if newest else 'none'}). Free space, then run the same command to resume"
+        ) from None
 
 
-def append_metrics(path: Path, state: TrainState, metrics: dict[str, float], images_per_s: float) -> None:
-    """One JSON line per log step: a local record of the run that needs no tracker."""
-    record = {
-        "step": state.step,
-        "epoch": state.epoch,
-        "images_seen": state.images_seen,
-        "images_per_s": images_per_s,
-        **metrics,
-    }
+def append_metrics(path: Path, state: TrainState, metrics: dict[str, float], images_per_s: float | None) -> None:
+    """One JSON line per log step (and per evaluation): a local record of the run that needs no tracker."""
+    record = {"step": state.step, "epoch": state.epoch, "images_seen": state.images_seen}
+    if images_per_s is not None:
+        record["images_per_s"] = images_per_s
+    record.update(metrics)
     with open(path, "a") as fh:
         fh.write(json.dumps(record) + "\n")
 
@@ -92,23 +99,26 @@ def train(cfg: Config) -> RunSummary:
     use_sync_bn = check_against_hardware(cfg, accelerator)
     console = Console(accelerator)
     run_dir = Path(cfg.run.dir)
-    console.config(to_yaml(cfg))
+    console.config(to_dict(cfg), str(run_dir / "config.yaml"))
+    tracker = Tracker(cfg, accelerator, console)  # W&B online without credentials fails here, before any data
 
     checkpointer = Checkpointer(run_dir, accelerator, cfg.ckpt.keep)
     resume_from = checkpointer.find_resume_point(cfg.run.resume, cfg)  # fails before anything is written
+    evaluator = Evaluator(cfg, accelerator, console.print) if evaluation_enabled(cfg) else None  # so does this
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
-    with accelerator.main_process_first():  # a CIFAR-10 download happens once, on the main process
-        dataset = build_dataset(cfg.data, cfg.model.resolution, cfg.run.seed)
+    dataset = load_dataset(cfg.data, cfg.model.resolution, cfg.run.seed, accelerator)
     loader = build_dataloader(dataset, cfg.train.batch_size, cfg.data.num_workers)
     generator, discriminator = build_models(cfg.model, cfg.run.seed, use_sync_bn)
     opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas))
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+    ema = GeneratorEMA(generator, cfg.train.ema_decay, accelerator) if cfg.train.ema_decay else None
     # Order matters: Accelerate saves them as model (G) / model_1 (D), optimizer / optimizer_1.
     generator, discriminator, opt_g, opt_d, loader = accelerator.prepare(generator, discriminator, opt_g, opt_d, loader)
     unwrapped_g = accelerator.unwrap_model(generator)
+    shown_g = ema.module if ema else unwrapped_g  # the generator that grids and evaluations show
 
     state = TrainState(global_batch=cfg.train.batch_size)
     if resume_from is not None:
@@ -134,9 +144,13 @@ def train(cfg: Config) -> RunSummary:
         picks = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.run.seed))
         real_images = [dataset[int(i)] for i in picks[: cfg.log.sample_grid_size]]
         save_real_grid(torch.stack(real_images), samples_dir / "real.png")
+    # Resuming this run's own checkpoint continues its W&B run; a checkpoint of another run starts a new one.
+    continuing = resume_from is not None and resume_from.resolve().parent == checkpointer.dir.resolve()
+    state.tracker_run_id = tracker.start(cfg, state, continuing, samples_dir / "real.png")  # saved in checkpoints
 
     gan_step = GANStep(accelerator, generator, discriminator, opt_g, opt_d, cfg.model.nz, cfg.run.seed)
     stop = StopRequest(run_dir, accelerator)
+    watch = NonFiniteWatch(accelerator, {"generator": generator, "discriminator": discriminator})
     meter = MetricMeter()
     last_metrics: dict[str, float] = {}
     start_step, start_time = state.step, time.perf_counter()
@@ -144,15 +158,64 @@ def train(cfg: Config) -> RunSummary:
 
     def sample(name: str) -> None:
         if accelerator.is_main_process:
-            save_generator_grid(unwrapped_g, grid_noise, samples_dir / name, accelerator.autocast)
+            with _stop_if_write_fails("sample grid", samples_dir / name, checkpointer):
+                save_generator_grid(shown_g, grid_noise, samples_dir / name, accelerator.autocast)
+            caption = f"step {state.step}, {state.images_seen} images seen"
+            tracker.log_image("fixed_noise", samples_dir / name, state, caption)
 
+    def evaluate() -> float:
+        """FID / IS / KID of the shown generator (collective); keeps the best checkpoint. Returns seconds taken."""
+        results = evaluator.evaluate(shown_g)
+        weights = "ema" if ema else "raw"
+        kept = checkpointer.keep_if_best(
+            state, cfg, results["fid"], {"weights": weights, "num_samples": results["num_samples"]}
+        )
+        scores = {k: results[k] for k in ("fid", "is_mean", "is_std", "kid_mean", "kid_std")}
+        if accelerator.is_main_process:
+            with _stop_if_write_fails("metrics", run_dir / "metrics.jsonl", checkpointer):
+                record = {**scores, "eval_weights": weights, "eval_num_samples": results["num_samples"]}
+                append_metrics(run_dir / "metrics.jsonl", state, {**record, "eval_s": results["eval_s"]}, None)
+            tracker.log_metrics(scores, state)
+        console.print(
+            f"eval step {state.step} epoch {state.epoch} | FID {scores['fid']:.3f} | "
+            f"IS {scores['is_mean']:.3f} ± {scores['is_std']:.3f} | KID {scores['kid_mean']:.5f} ± "
+            f"{scores['kid_std']:.5f} | {results['num_samples']} samples, {weights} generator, "
+            f"{results['eval_s']:.0f}s" + (" | best so far: checkpoint kept" if kept else "")
+        )
+        return results["eval_s"]
+
+    def recover(problem: NonFinite) -> None:
+        """Reload the newest checkpoint (train.on_nonfinite=rollback) or stop with DivergenceError."""
+        newest = checkpointer.newest()
+        where = f"{problem.network} stopped producing finite values at step {problem.step}"
+        if cfg.train.on_nonfinite == "rollback" and newest is not None and state.rollbacks < cfg.train.max_rollbacks:
+            attempt = state.rollbacks + 1
+            restored = checkpointer.load(newest)
+            vars(state).update(vars(restored), rollbacks=attempt)
+            watch.reset()
+            meter.reset()
+            console.print(f"warning: the {where}; rolled back to {newest} (rollback {attempt} of "
+                          f"{cfg.train.max_rollbacks}), replaying with new noise")
+            return
+        advice = ("train.max_rollbacks is used up" if cfg.train.on_nonfinite == "rollback"
+                  else "set train.on_nonfinite=rollback to reload the newest checkpoint automatically")
+        raise DivergenceError(
+            f"the {where}. Newest checkpoint: {newest or 'none'} (it is healthy: checkpoints are checked "
+            f"before they are written). Lower train.lr or use train.mixed_precision=no, or {advice}; "
+            "then run the same command to resume"
+        )
+
+    console.start_progress(state.step, total_steps, state.epoch)  # a live display on a terminal only
     try:
         while state.step < total_steps and not stop.agreed:
             loader.set_epoch(state.epoch)  # the epoch's shuffle: same on every rank, from run.seed + epoch
             batches = accelerator.skip_first_batches(loader, state.step_in_epoch) if state.step_in_epoch else loader
             for real in batches:
-                metrics = gan_step(to_model_input(real), state.step)
+                metrics = gan_step(to_model_input(real), state.step, attempt=state.rollbacks)
+                if ema:
+                    ema.update(unwrapped_g)
                 state.step += 1
+                watch.update(metrics, state.step)
                 state.step_in_epoch += 1
                 if accelerator.scaler is not None:  # fp16: the scaler skips steps whose gradients overflowed
                     state.skipped_steps_d += int(opt_d.step_was_skipped)
@@ -162,6 +225,12 @@ def train(cfg: Config) -> RunSummary:
                 if epoch_done:
                     state.epoch += 1
                     state.step_in_epoch = 0
+                console.advance(state.step, state.epoch)
+                save_due = state.step % cfg.ckpt.every_steps == 0 or epoch_done or state.step >= total_steps
+                problem = watch.check(state.step, before_save=save_due)
+                if problem:
+                    recover(problem)
+                    break  # the outer loop restarts from the restored state
 
                 if state.step % cfg.log.every_steps == 0 or state.step == total_steps:
                     last_metrics = meter.mean_across_ranks(accelerator)
@@ -170,32 +239,41 @@ def train(cfg: Config) -> RunSummary:
                     eta = (total_steps - state.step) * (now - window_time) / max(state.step - window_step, 1)
                     window_step, window_time = state.step, now
                     if accelerator.is_main_process:
-                        append_metrics(run_dir / "metrics.jsonl", state, last_metrics, images_per_s)
-                    _check_finite(last_metrics, state.step, checkpointer.newest())
-                    console.print(
-                        f"step {state.step}/{total_steps} epoch {state.epoch} | "
-                        + " ".join(f"{k} {v:.4f}" for k, v in last_metrics.items())
-                        + f" | {images_per_s:.0f} img/s | eta {format_duration(eta)}"
-                    )
+                        # + learning rates, fp16 loss scale and skipped steps, CUDA memory
+                        record = {**last_metrics, **host_metrics(accelerator, {"G": opt_g, "D": opt_d}, state)}
+                        with _stop_if_write_fails("metrics", run_dir / "metrics.jsonl", checkpointer):
+                            append_metrics(run_dir / "metrics.jsonl", state, record, images_per_s)
+                        tracker.log_metrics({**record, "images_per_s": images_per_s}, state)
+                    console.log_step(state.step, total_steps, state.epoch, last_metrics, images_per_s, eta)
                 if state.step % cfg.log.sample_every_steps == 0:
                     sample(f"step_{state.step:08d}.png")
                 if epoch_done:
                     sample(f"epoch_{state.epoch:03d}.png")
-                if state.step % cfg.ckpt.every_steps == 0 or epoch_done:
+                if save_due:
                     checkpointer.save(state, cfg)
+                if evaluator and (
+                    (cfg.eval.every_epochs and epoch_done and state.epoch % cfg.eval.every_epochs == 0)
+                    or (cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0)
+                    or state.step >= total_steps
+                ):
+                    window_time += evaluate()  # evaluation time does not count against images/s
                 if state.step >= total_steps or stop.should_stop(state.step):
                     break
     finally:
+        console.stop_progress()
         stop.close()
 
     final_checkpoint = checkpointer.save(state, cfg)  # no-op if this step is saved already
     if accelerator.is_main_process:
         if state.step % cfg.log.sample_every_steps and state.step_in_epoch:
             sample(f"step_{state.step:08d}.png")
-        export_weights(unwrapped_g, run_dir / "generator.safetensors", cfg.model, state.step)
-        export_weights(
-            accelerator.unwrap_model(discriminator), run_dir / "discriminator.safetensors", cfg.model, state.step
-        )
+        with _stop_if_write_fails("final weights", run_dir, checkpointer):
+            export_weights(unwrapped_g, run_dir / "generator.safetensors", cfg.model, state.step)
+            if ema:
+                export_weights(ema.module, run_dir / EMA_FILE, cfg.model, state.step)
+            export_weights(
+                accelerator.unwrap_model(discriminator), run_dir / "discriminator.safetensors", cfg.model, state.step
+            )
     elapsed = time.perf_counter() - start_time
     accelerator.wait_for_everyone()
     summary = RunSummary(
@@ -210,11 +288,14 @@ def train(cfg: Config) -> RunSummary:
         last_metrics=last_metrics,
         checkpoint=final_checkpoint,
     )
+    # Finishes the tracker run (W&B prints its own summary) and tears down the process group:
+    # nothing collective may follow, only rank 0's summary.
+    accelerator.end_training()
     console.print(
         f"{'stopped' if summary.stopped_early else 'finished'} at step {state.step}/{total_steps}"
         + (f" ({stop.reason}); run the same command to resume" if summary.stopped_early else "")
         + f" | {format_duration(elapsed)}, {summary.images_per_s:.0f} img/s | checkpoint {final_checkpoint} | "
         f"samples {samples_dir} | weights {run_dir / 'generator.safetensors'}"
     )
-    accelerator.end_training()  # last: it also tears down the process group
+    console.summary(summary, tracker.summary())
     return summary

@@ -11,6 +11,7 @@ from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwa
 
 from trainer.config import Config
 from trainer.errors import ConfigError
+from trainer.tracking import accelerator_kwargs
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
@@ -23,6 +24,7 @@ def build_accelerator(cfg: Config) -> Accelerator:
     # Accelerate 1.x picks gloo (MULTI_CPU) for a multi-process launch only when told it is on the
     # CPU; otherwise each process would run alone. GPU runs are unaffected.
     multi_process_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    tracker_kwargs = accelerator_kwargs(cfg)
     try:
         return Accelerator(
             cpu=multi_process_cpu,
@@ -36,6 +38,7 @@ def build_accelerator(cfg: Config) -> Accelerator:
             # D runs on real and on fake batches before one backward; broadcasting BatchNorm
             # buffers between those forwards makes autograd fail ("modified by an inplace operation").
             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+            **tracker_kwargs,  # log_with: W&B, TensorBoard or none (trainer/tracking.py)
         )
     except ValueError as exc:  # e.g. bf16 on a GPU without bf16 support
         raise ConfigError(

@@ -13,9 +13,22 @@ from accelerate import Accelerator
 from torch import nn
 
 
-def step_noise_seed(run_seed: int, rank: int, step: int) -> int:
-    """Seed of the latent noise for `step` on `rank`: differs across ranks, fixed across resumes."""
-    return int(np.random.SeedSequence([run_seed, rank, step]).generate_state(1, dtype=np.uint64)[0] >> 1)
+def step_noise_seed(run_seed: int, rank: int, step: int, attempt: int = 0) -> int:
+    """Seed of the latent noise for `step` on `rank`: differs across ranks, fixed across resumes.
+
+    `attempt` counts rollbacks after divergence, so a replay from a checkpoint draws new noise.
+    """
+    entropy = [run_seed, rank, step] + ([attempt] if attempt else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def grad_norm(module: nn.Module) -> torch.Tensor:
+    """L2 norm of all of `module`'s gradients, as a device tensor (no host sync).
+
+    Written out because torch.nn.utils.get_total_norm, which does the same, needs torch >= 2.6.
+    """
+    norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
@@ -40,9 +53,9 @@ class GANStep:
         self.run_seed = run_seed
         self.noise = torch.Generator(device=accelerator.device)
 
-    def __call__(self, real: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+    def __call__(self, real: torch.Tensor, step: int, attempt: int = 0) -> dict[str, torch.Tensor]:
         acc, G, D = self.acc, self.G, self.D
-        self.noise.manual_seed(step_noise_seed(self.run_seed, acc.process_index, step))
+        self.noise.manual_seed(step_noise_seed(self.run_seed, acc.process_index, step, attempt))
         z = torch.randn(real.shape[0], self.nz, device=real.device, generator=self.noise)
         fake = G(z)
 
@@ -53,6 +66,10 @@ class GANStep:
         loss_d = _bce(logits_real, 1.0) + _bce(logits_fake, 0.0)
         self.opt_d.zero_grad(set_to_none=True)
         acc.backward(loss_d)
+        # fp16: unscale first so the norm is the true gradient's (the scaler then does not unscale
+        # again); a no-op otherwise. After backward, DDP has averaged the gradients over ranks.
+        acc.unscale_gradients(self.opt_d)
+        grad_norm_d = grad_norm(D)
         self.opt_d.step()
 
         # G step: maximise log D(G(z)). D is frozen (no gradients computed for it) and under
@@ -64,6 +81,8 @@ class GANStep:
             self.opt_g.zero_grad(set_to_none=True)
             acc.backward(loss_g)
         D.requires_grad_(True)
+        acc.unscale_gradients(self.opt_g)
+        grad_norm_g = grad_norm(G)
         self.opt_g.step()
 
         return {
@@ -72,4 +91,6 @@ class GANStep:
             "D(x)": torch.sigmoid(logits_real.detach().float()).mean(),
             "D(G(z))_before": torch.sigmoid(logits_fake.detach().float()).mean(),
             "D(G(z))_after": torch.sigmoid(logits_after.detach().float()).mean(),
+            "grad_norm_D": grad_norm_d,
+            "grad_norm_G": grad_norm_g,
         }

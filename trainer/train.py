@@ -16,7 +16,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(_here.parent))
 
 from trainer.config import parse_args  # noqa: E402
-from trainer.errors import DivergenceError, UserError  # noqa: E402
+from trainer.errors import RunError, UserError  # noqa: E402
 
 
 def _is_main_process() -> bool:
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.loop import train  # after config errors: they should not wait for torch imports
 
         train(cfg)
-    except (UserError, DivergenceError) as exc:
+    except (UserError, RunError) as exc:
         if _is_main_process():
             print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -1,0 +1,115 @@
+"""`python -m trainer.evaluate <run dir or checkpoint> [--best] [--raw] [--out FILE] [key=value ...]`
+
+FID, Inception Score and KID of a checkpoint's generator (its EMA weights when it has them), with
+the settings it was trained with plus any overrides (e.g. eval.num_samples=50000). Prints a table
+and saves it as JSON and Markdown under `<run dir>/eval/`. Under `accelerate launch` every process
+generates and embeds its share of the samples; the result equals a one-process evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from trainer.errors import UserError
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.evaluate",
+        description="FID / IS / KID of a checkpoint's generator (EMA weights when present).",
+        epilog="example: accelerate launch -m trainer.evaluate runs/dcgan_cifar10 eval.num_samples=50000",
+    )
+    parser.add_argument("target", help="a run directory (its newest checkpoint) or a checkpoint directory")
+    parser.add_argument("--best", action="store_true", help="the run's best checkpoint (lowest FID) instead")
+    parser.add_argument("--raw", action="store_true", help="the raw generator even if the checkpoint has an EMA")
+    parser.add_argument("--out", help="JSON file to write (default: <run dir>/eval/<checkpoint>-<ema|raw>-n<N>.json)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.num_samples=50000"
+    )
+    return parser.parse_intermixed_args(argv)  # options may come between the target and the overrides
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    m = report["metrics"]
+    lines = [
+        f"Checkpoint `{report['checkpoint']}` (step {report['step']}, {report['weights']} generator), "
+        f"{m['num_samples']} generated vs {m['num_real']} real images ({report['settings']['split']} split), "
+        f"feature extractor `{report['settings']['feature_extractor']}`",
+        "",
+        "| metric | value | |",
+        "|---|---|---|",
+        f"| FID | {m['fid']:.4f} | lower is better |",
+        f"| Inception Score | {m['is_mean']:.4f} ± {m['is_std']:.4f} | higher is better |",
+        f"| KID | {m['kid_mean']:.6f} ± {m['kid_std']:.6f} | lower is better (subsets of {m['kid_subset_size']}) |",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    accelerator = None
+    try:
+        from trainer.artifacts import checkpoint_config, find_checkpoint, load_generator, run_dir_of
+
+        checkpoint = find_checkpoint(args.target, args.best)
+        cfg = checkpoint_config(checkpoint, args.overrides)
+        generator, weights = load_generator(checkpoint, cfg, args.raw)
+        out = (
+            Path(args.out)
+            if args.out
+            else run_dir_of(checkpoint) / "eval" / f"{checkpoint.name}-{weights}-n{cfg.eval.num_samples}.json"
+        )
+        if out.suffix != ".json":
+            raise UserError(f"--out {args.out} must end in .json (a Markdown table is written beside it)")
+        if out.exists() and not args.overwrite:
+            raise UserError(f"{out} exists; pass --overwrite to replace it, or --out <another file>.json")
+
+        from trainer.console import Console
+        from trainer.metrics import Evaluator
+        from trainer.runtime import build_accelerator
+
+        accelerator = build_accelerator(cfg)  # gloo on CPU, NCCL on GPUs, as in training
+        console = Console(accelerator)
+        evaluator = Evaluator(cfg, accelerator, console.print)
+        console.print(
+            f"evaluating {checkpoint} ({weights} generator) on {accelerator.num_processes} process(es): "
+            f"{cfg.eval.num_samples} samples, seed {cfg.eval.seed}"
+        )
+        metrics = evaluator.evaluate(generator.to(accelerator.device))
+        if accelerator.is_main_process:
+            step = json.loads((checkpoint / "train_state.json").read_text())["step"]
+            report = {
+                "checkpoint": str(checkpoint),
+                "step": step,
+                "weights": weights,
+                "metrics": metrics,
+                "settings": {
+                    k: getattr(cfg.eval, k)
+                    for k in ("feature_extractor", "num_samples", "seed", "split", "num_real", "kid_subsets")
+                },
+                "reference": str(evaluator.reference().path),
+                "processes": accelerator.num_processes,
+            }
+            table = markdown_table(report)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=2) + "\n")
+            out.with_suffix(".md").write_text(table)
+            console.print(table + f"\nsaved {out} and {out.with_suffix('.md')}")
+    except UserError as exc:
+        if accelerator.is_main_process if accelerator else os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    finally:
+        if accelerator is not None:
+            accelerator.end_training()  # tears down the process group
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
