@@ -249,6 +249,25 @@ def test_terminal_gets_a_live_progress_display(tmp_path):
     assert "tracking: off (log.tracker=none)" in out and not (run_dir / "wandb").exists()
 
 
+@pytest.mark.slow
+def test_tensorboard_tracker_writes_the_same_scalars_and_images(tmp_path):
+    pytest.importorskip("tensorboard")  # optional: not a dependency of the project
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    proc = _run(smoke_args(run_dir, "log.tracker=tensorboard", "train.max_steps=10"), _env(tmp_path))
+    assert f"tensorboard --logdir {run_dir / 'tensorboard'}" in proc.stdout and not (run_dir / "wandb").exists()
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    records = read_metrics(run_dir)
+    for name in ("loss_D", "grad_norm_G", "lr_D", "images_per_s"):
+        section = tracking.SECTIONS[name]
+        scalars = events.Scalars(f"{section}/{name}")
+        assert [e.step for e in scalars] == [r["images_seen"] for r in records] == [80, 160]
+        assert [e.value for e in scalars] == pytest.approx([r[name] for r in records], rel=1e-6)
+    assert [e.step for e in events.Images("samples/real")] == [0]
+    assert [e.step for e in events.Images("samples/fixed_noise")] == [160]
+
+
 # ---- units: mode resolution, credentials, host metrics -------------------------------------------
 
 
