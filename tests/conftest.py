@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ def trainer_env() -> dict[str, str]:
         OMP_NUM_THREADS="1",  # two processes on two cores: no oversubscription
         PYTHONUNBUFFERED="1",
         CUDA_VISIBLE_DEVICES="",  # these tests pin CPU behaviour (gloo, BatchNorm)
+        XDG_CACHE_HOME=str(Path(tempfile.gettempdir()) / "dcgan-trainer-test-cache"),  # packed data, statistics
     )
     env.pop("ACCELERATE_MIXED_PRECISION", None)
     return env

@@ -427,15 +427,17 @@ class SlurmCluster:
         env: Mapping[str, str] | None = None,
         sbatch_args: Iterable[str] = (),
         cwd: str | os.PathLike[str] | None = None,
+        script_output: bool = False,
     ) -> str:
         """``sbatch --parsable [sbatch_args] script args...``; returns the job id.
 
         The job's environment is the test process's plus this cluster's
         SLURM_CONF plus ``env``.  Output goes to ``<root>/jobs/slurm-<id>.out``
-        unless ``sbatch_args`` names ``-o/--output``; see :meth:`stdout_path`.
+        unless ``sbatch_args`` names ``-o/--output`` or ``script_output`` leaves
+        it to the script's own ``#SBATCH --output``; see :meth:`stdout_path`.
         """
         sb = list(sbatch_args)
-        if not any(a in ("-o",) or a.startswith("--output") for a in sb):
+        if not script_output and not any(a in ("-o",) or a.startswith("--output") for a in sb):
             sb = [f"--output={self.jobs_dir}/slurm-%j.out", *sb]
         argv = ["sbatch", "--parsable", *sb, str(script_path), *map(str, args)]
         full_env = {**self.env, **(env or {})}

@@ -115,7 +115,9 @@ def test_missing_inception_weights_stop_evaluation_and_training_with_the_fix(tra
         "https_proxy": "http://127.0.0.1:9",
     }
     expected_file = tmp_path / "torch" / "hub" / "checkpoints" / metrics.INCEPTION_FILE
-    proc = run_module("trainer.evaluate", [str(trained), "eval.num_samples=10"], env=env, check=False)
+    proc = run_module(
+        "trainer.evaluate", [str(trained), f"eval.feature_extractor={metrics.INCEPTION}"], env=env, check=False
+    )
     assert proc.returncode == 2, proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("error: the InceptionV3 weights for FID/IS/KID are not here and cannot be downloaded")

@@ -33,6 +33,8 @@ class DataConfig:
     download: bool = True
     num_workers: int = 2
     fake_size: int = 1024  # number of images of the `fake` source
+    packed: bool = True  # decode once into a memory-mapped uint8 cache; false: classic per-sample PIL loading
+    cache_dir: str | None = None  # packed cache location; default $XDG_CACHE_HOME/dcgan-trainer/packed
     bad_files: Literal["error", "skip"] = "error"  # unreadable files in a `folder` source: stop, or skip them
 
 
@@ -54,6 +56,8 @@ class TrainConfig:
     # str, not Literal: YAML reads a bare `no` as false, which must still mean "no"
     mixed_precision: str = "bf16"  # no | fp16 | bf16
     sync_bn: str = "auto"  # auto | true | false (YAML booleans accepted)
+    channels_last: bool = True  # NHWC models and batches (faster convolutions on CPU and GPU)
+    compile: bool = False  # torch.compile G and D (inductor); see docs/performance.md for when it pays
     on_nonfinite: Literal["stop", "rollback"] = "stop"  # NaN/inf losses: stop, or reload the newest checkpoint
     max_rollbacks: int = 3  # with on_nonfinite=rollback: give up (stop) after this many
     # EMA of the generator's weights (e.g. 0.999), used for evaluation and samples; null or 0: off (classic)

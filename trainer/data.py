@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from PIL import Image
@@ -23,6 +24,15 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
 
 from trainer.config import DataConfig
 from trainer.errors import DataError
+from trainer.packed import (
+    PackedImages,
+    default_cache_dir,
+    file_fingerprint,
+    open_or_build,
+    pack_array,
+    pack_files,
+    whole_batch,
+)
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
@@ -58,30 +68,21 @@ class ImageFiles(Dataset):
             )
         self.transform = transform
 
-    def drop_unreadable(self, unreadable: list[tuple[str, str]], policy: str, warn: bool) -> None:
-        """Report unreadable files; with policy `skip` train without them, else stop (DataError)."""
-        if self.ignored and warn:
+    def warn_ignored(self) -> None:
+        if self.ignored:
             warnings.warn(
                 f"ignoring {len(self.ignored)} files without an image extension under {self.root} "
                 f"(e.g. {self.ignored[0]})",
-                stacklevel=2,
+                stacklevel=3,
             )
-        if not unreadable:
-            return
-        listed = ", ".join(f"{path} ({reason})" for path, reason in unreadable[:3])
-        more = f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""
-        summary = (
-            f"{len(unreadable)} of {len(self.files)} image files under data.root={str(self.root)!r} "
-            f"are unreadable: {listed}{more}"
-        )
-        if policy != "skip":
-            raise DataError(f"{summary}; fix or remove them, or set data.bad_files=skip to train without them")
+
+    def drop_unreadable(self, unreadable: list[tuple[str, str]], policy: str, warn: bool) -> None:
+        """Report unreadable files; with policy `skip` train without them, else stop (DataError)."""
+        if warn:
+            self.warn_ignored()
+        report_unreadable(unreadable, len(self.files), self.root, policy, warn)
         bad = {path for path, _ in unreadable}
         self.files = [p for p in self.files if str(p) not in bad]
-        if not self.files:
-            raise DataError(f"{summary}: no readable image is left; point data.root at a folder of images")
-        if warn:
-            warnings.warn(f"{summary}; skipped (data.bad_files=skip)", stacklevel=2)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -143,6 +144,37 @@ def build_dataset(cfg: DataConfig, resolution: int, seed: int) -> Dataset:
     return CIFAR10Images(cfg.root, cfg.download, pil_to_uint8(resolution))
 
 
+def report_unreadable(unreadable: list[tuple[str, str]], total: int, root: Path, policy: str, warn: bool) -> None:
+    """Stop (DataError) or, with data.bad_files=skip, warn: count and the first few paths."""
+    if not unreadable:
+        return
+    listed = ", ".join(f"{path} ({reason})" for path, reason in unreadable[:3])
+    more = f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""
+    summary = f"{len(unreadable)} of {total} image files under data.root={str(root)!r} are unreadable: {listed}{more}"
+    if policy != "skip":
+        raise DataError(f"{summary}; fix or remove them, or set data.bad_files=skip to train without them")
+    if len(unreadable) == total:
+        raise DataError(f"{summary}: no readable image is left; point data.root at a folder of images")
+    if warn:
+        warnings.warn(f"{summary}; skipped (data.bad_files=skip)", stacklevel=3)
+
+
+def build_packed(cfg: DataConfig, resolution: int) -> PackedImages:
+    """The source decoded once into the packed cache (built on first use, then reused)."""
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    if cfg.source == "folder":
+        listing = ImageFiles(cfg.root, transform=None)
+        key = {"source": "folder", "files": file_fingerprint(listing.root, listing.files), "resolution": resolution}
+        packed = open_or_build(cache_dir, key, lambda out: pack_files(listing.files, resolution, out))
+        packed.listing = listing
+        return packed
+    cifar = CIFAR10Images(cfg.root, cfg.download, transform=None).dataset
+    batches = Path(cifar.root) / cifar.base_folder
+    files = sorted(batches / name for name, _ in cifar.train_list)
+    key = {"source": "cifar10", "split": "train", "files": file_fingerprint(batches, files), "resolution": resolution}
+    return open_or_build(cache_dir, key, lambda out: pack_array(cifar.data, resolution, out))
+
+
 def find_unreadable(files: list[Path], workers: int | None = None) -> list[tuple[str, str]]:
     """(path, reason) of every file PIL cannot fully decode: zero-byte, truncated, not an image.
 
@@ -164,9 +196,23 @@ def find_unreadable(files: list[Path], workers: int | None = None) -> list[tuple
 
 
 def load_dataset(cfg: DataConfig, resolution: int, seed: int, accelerator: Accelerator) -> Dataset:
-    """`build_dataset` for a run: a download happens once (main process first); folder images are
-    checked once (main process) and `data.bad_files` applied alike on every rank, before training."""
-    with accelerator.main_process_first():
+    """The dataset of a run, the same on every rank; bad input stops it before training starts.
+
+    `data.packed` (default): decoded once into the packed cache by each node's first process.
+    Otherwise the classic per-sample PIL path, with folder images checked once (main process).
+    """
+    if cfg.source == "fake":
+        return FakeImages(cfg.fake_size, resolution, seed)
+    if cfg.packed:
+        with accelerator.local_main_process_first():  # a download or a build happens once per node
+            dataset = build_packed(cfg, resolution)
+        listing = getattr(dataset, "listing", None)
+        if listing is not None and accelerator.is_main_process:
+            listing.warn_ignored()
+        total = len(dataset) + len(dataset.unreadable)
+        report_unreadable(dataset.unreadable, total, Path(cfg.root), cfg.bad_files, accelerator.is_main_process)
+        return dataset
+    with accelerator.main_process_first():  # a CIFAR-10 download happens once, on the main process
         dataset = build_dataset(cfg, resolution, seed)
     if isinstance(dataset, ImageFiles):
         found: list = [find_unreadable(dataset.files) if accelerator.is_main_process else None]
@@ -186,25 +232,30 @@ def build_dataloader(dataset: Dataset, global_batch: int, num_workers: int) -> D
             f"the dataset has {len(dataset)} images, fewer than one global batch (train.batch_size={global_batch}); "
             "lower train.batch_size or add images"
         )
+    packed = isinstance(dataset, PackedImages)
     return DataLoader(
         dataset,
         batch_size=global_batch,
         shuffle=True,
         drop_last=True,
-        num_workers=num_workers,
+        collate_fn=whole_batch if packed else None,
+        num_workers=0 if packed else num_workers,  # a batch is one memory-map index: workers only add IPC
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0,
+        persistent_workers=num_workers > 0 and not packed,
     )
 
 
-def to_model_input(batch: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float [-1, 1], on whatever device the batch is."""
-    return batch.float().div_(127.5).sub_(1.0)
+def to_model_input(batch: torch.Tensor, resolution: int | None = None, channels_last: bool = False) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1] on whatever device the batch is, resized there if needed.
 
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """float [-1, 1] -> uint8 [0, 255], the inverse of `to_model_input`: generated images quantized like real ones.
-
-    Rounds half up, as torchvision's `save_image` does, so a saved PNG holds exactly these values.
+    Upsampling (CIFAR-10's 32 -> 64) is bilinear like the classic PIL `Resize`; downsampling
+    uses antialiasing like PIL does.
     """
-    return images.float().add(1.0).mul_(127.5).add_(0.5).clamp_(0, 255).to(torch.uint8)
+    images = batch.float()
+    if resolution is not None and images.shape[-1] != resolution:
+        antialias = images.shape[-1] > resolution
+        images = F.interpolate(
+            images, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=antialias
+        ).clamp_(0, 255)
+    images = images.div_(127.5).sub_(1.0)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images

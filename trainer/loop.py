@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from torch import nn
 
 from trainer.checkpoint import Checkpointer, TrainState
 from trainer.config import Config, evaluation_enabled, to_dict, to_yaml
@@ -94,6 +95,21 @@ def append_metrics(path: Path, state: TrainState, metrics: dict[str, float], ima
         fh.write(json.dumps(record) + "\n")
 
 
+def build_networks(
+    cfg: Config, accelerator: Accelerator, use_sync_bn: bool
+) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer, torch.optim.Optimizer]:
+    """G and D and their Adam optimizers, ready for `accelerator.prepare` (shared with trainer.bench)."""
+    generator, discriminator = build_models(cfg.model, cfg.run.seed, use_sync_bn)
+    if cfg.train.channels_last:  # NHWC: the layout oneDNN and cuDNN convolutions run fastest in
+        generator.to(memory_format=torch.channels_last)
+        discriminator.to(memory_format=torch.channels_last)
+    fused = accelerator.device.type == "cuda" or None  # one kernel for the whole update on CUDA
+    adam = {"lr": cfg.train.lr, "betas": tuple(cfg.train.betas), "fused": fused}
+    return generator, discriminator, torch.optim.Adam(generator.parameters(), **adam), torch.optim.Adam(
+        discriminator.parameters(), **adam
+    )
+
+
 def train(cfg: Config) -> RunSummary:
     accelerator = build_accelerator(cfg)
     use_sync_bn = check_against_hardware(cfg, accelerator)
@@ -111,9 +127,7 @@ def train(cfg: Config) -> RunSummary:
 
     dataset = load_dataset(cfg.data, cfg.model.resolution, cfg.run.seed, accelerator)
     loader = build_dataloader(dataset, cfg.train.batch_size, cfg.data.num_workers)
-    generator, discriminator = build_models(cfg.model, cfg.run.seed, use_sync_bn)
-    opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas))
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+    generator, discriminator, opt_g, opt_d = build_networks(cfg, accelerator, use_sync_bn)
     ema = GeneratorEMA(generator, cfg.train.ema_decay, accelerator) if cfg.train.ema_decay else None
     # Order matters: Accelerate saves them as model (G) / model_1 (D), optimizer / optimizer_1.
     generator, discriminator, opt_g, opt_d, loader = accelerator.prepare(generator, discriminator, opt_g, opt_d, loader)
@@ -211,7 +225,9 @@ def train(cfg: Config) -> RunSummary:
             loader.set_epoch(state.epoch)  # the epoch's shuffle: same on every rank, from run.seed + epoch
             batches = accelerator.skip_first_batches(loader, state.step_in_epoch) if state.step_in_epoch else loader
             for real in batches:
-                metrics = gan_step(to_model_input(real), state.step, attempt=state.rollbacks)
+                metrics = gan_step(
+                    to_model_input(real, cfg.model.resolution, cfg.train.channels_last), state.step, state.rollbacks
+                )
                 if ema:
                     ema.update(unwrapped_g)
                 state.step += 1

@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from trainer.config import Config
-from trainer.data import CIFAR10Images, build_dataset, pil_to_uint8, to_uint8
+from trainer.data import CIFAR10Images, build_dataset, pil_to_uint8
 from trainer.errors import EvaluationError, UserError
 from trainer.models import Generator
 
@@ -69,7 +69,15 @@ class Reference:
     path: Path
 
 
-# ---- latents and sharding ----------------------------------------------------------------------
+# ---- latents, quantization and sharding --------------------------------------------------------
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Generated float [-1, 1] -> uint8 [0, 255], quantized like real data (the inverse of the loader's scaling).
+
+    Rounds half up, as torchvision's `save_image` does, so a saved PNG holds exactly these values.
+    """
+    return images.float().add(1.0).mul_(127.5).add_(0.5).clamp_(0, 255).to(torch.uint8)
+
+
 def latents(seed: int, indices: Sequence[int], nz: int) -> torch.Tensor:
     """Latent vector i depends only on (seed, i): the same for any batch size or number of processes.
 

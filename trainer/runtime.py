@@ -29,6 +29,8 @@ def build_accelerator(cfg: Config) -> Accelerator:
         return Accelerator(
             cpu=multi_process_cpu,
             mixed_precision=cfg.train.mixed_precision,
+            # Accelerate compiles after the DDP wrap, as DDP's compiled-graph support expects.
+            dynamo_backend="inductor" if cfg.train.compile else "no",
             # split_batches: the loader yields GLOBAL batches and each rank takes its slice, so the
             # data order is the same for any number of processes. The seedable sampler gives every
             # rank the same shuffle, reseeded from run.seed + epoch.

@@ -83,7 +83,7 @@ def _check_output(args: argparse.Namespace) -> tuple[Path, str]:
 @torch.no_grad()
 def generate(generator: torch.nn.Module, z: torch.Tensor, device: str, batch: int = 256) -> torch.Tensor:
     """uint8 images (N, 3, H, W) on the CPU."""
-    from trainer.data import to_uint8
+    from trainer.metrics import to_uint8
 
     generator = generator.to(device).eval()
     return torch.cat([to_uint8(generator(chunk.to(device))).cpu() for chunk in z.split(batch)])

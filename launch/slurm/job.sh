@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # The body of single_node.sbatch and multi_node.sbatch, which source it after their #SBATCH
 # headers: one srun task per node runs launch/slurm/node_launch.sh (`accelerate launch`), and
 # Slurm's warning signal becomes a checkpoint and a requeue.
@@ -33,6 +34,7 @@ log() { echo "[$(date +%T)] job.sh: $*"; }
 stop_signal=""
 run_dir=""
 keeper_pid=""
+# shellcheck disable=SC2329  # called by the traps below
 request_stop() {
     stop_signal=$1
     log "got SIG$1: asking the trainer to checkpoint and stop (${run_dir:-<run.dir>}/STOP)"
@@ -70,6 +72,12 @@ except UserError as exc:
 mkdir -p "$run_dir"
 keep_stop_file
 log "run directory $run_dir"
+# A requeued job continues its own run, from the newest checkpoint it wrote, whatever run.resume
+# its first start had: `never` would now refuse, and an explicit checkpoint would be older.
+if ((${SLURM_RESTART_COUNT:-0} > 0)) && compgen -G "$run_dir/checkpoints/step-*" >/dev/null; then
+    set -- "$@" run.resume=auto
+    log "requeued: resuming from the newest checkpoint in $run_dir/checkpoints (run.resume=auto)"
+fi
 
 # srun starts one task per node; srun does not take --cpus-per-task from sbatch (Slurm >= 22.05).
 srun --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \

@@ -29,7 +29,7 @@ num_machines=$SLURM_JOB_NUM_NODES
 mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 # A node name need not resolve as a host name (it does not on the tests' one-machine cluster);
 # NodeAddr is the address slurmctld reaches the node at, and defaults to the node name.
-main_ip=$(scontrol -o show node "${hosts[0]}" 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
+main_ip=$(scontrol -o show node "${hosts[0]}" 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p' || true)
 main_ip=${main_ip:-${hosts[0]}}
 
 cmd=(

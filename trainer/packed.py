@@ -1,0 +1,161 @@
+"""Decode a dataset once into a memory-mapped uint8 `.npy` file, then serve whole batches from it.
+
+The classic loader decodes and resizes every image with PIL in worker processes, every epoch.
+Here each image is decoded once, on first use, and stored at its native size when the images are
+uniform squares no larger than the model (CIFAR-10: 32x32, 150 MB), else resized and
+centre-cropped to the model's resolution as the classic transforms do. A batch is then one
+fancy-index into the memory map (no per-sample collate), it travels to the device as uint8, and
+`data.to_model_input` resizes and normalises it there.
+
+The file is keyed by what it was made from (source, file list with sizes and mtimes, resolution,
+format version), so a changed dataset or resolution builds a new one; writes are atomic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+FORMAT_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dcgan-trainer" / "packed"
+
+
+def whole_batch(batch: torch.Tensor) -> torch.Tensor:
+    """collate_fn for datasets whose `__getitems__` already returns the batch tensor."""
+    return batch
+
+
+class PackedImages(Dataset):
+    """(N, 3, S, S) uint8 images in a memory-mapped .npy file, indexed a batch at a time."""
+
+    collate_fn = staticmethod(whole_batch)
+
+    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+        self.path = path
+        self.meta = meta
+        self.images = np.load(path, mmap_mode="r")
+        self.unreadable: list[tuple[str, str]] = [tuple(x) for x in meta.get("unreadable", [])]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.images[index]))
+
+    def __getitems__(self, indices: Sequence[int]) -> torch.Tensor:
+        return torch.from_numpy(self.images[np.asarray(indices, dtype=np.int64)])
+
+
+def _cache_paths(cache_dir: Path, key: str) -> tuple[Path, Path]:
+    return cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
+
+
+def open_or_build(cache_dir: Path, key_parts: dict[str, Any], build: Callable[[Path], dict[str, Any]]) -> PackedImages:
+    """The packed file for `key_parts`, built by `build(tmp_npy_path) -> meta` if missing."""
+    key = hashlib.sha256(json.dumps({"v": FORMAT_VERSION, **key_parts}, sort_keys=True).encode()).hexdigest()[:20]
+    npy, meta_path = _cache_paths(cache_dir, key)
+    if npy.is_file() and meta_path.is_file():
+        return PackedImages(npy, json.loads(meta_path.read_text()))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = npy.with_name(f".tmp-{os.getpid()}-{npy.name}")
+    try:
+        meta = {"format_version": FORMAT_VERSION, "key": key_parts, **build(tmp)}
+        os.replace(tmp, npy)  # two builders (one per node) may race: both files are identical
+        tmp_meta = meta_path.with_name(f".tmp-{os.getpid()}-{meta_path.name}")
+        tmp_meta.write_text(json.dumps(meta))
+        os.replace(tmp_meta, meta_path)  # the meta file last: it marks the cache valid
+    finally:
+        tmp.unlink(missing_ok=True)
+    return PackedImages(npy, meta)
+
+
+def pack_files(files: Sequence[Path], resolution: int, out: Path, workers: int | None = None) -> dict[str, Any]:
+    """Decode image files into `out`; unreadable ones are left out and listed in the meta."""
+    workers = workers or min(32, os.cpu_count() or 1)
+
+    def header(path: Path) -> tuple[int, int] | str:
+        try:
+            with Image.open(path) as image:
+                return image.size
+        except Exception as exc:  # PIL raises many types for bad files
+            return _reason(path, exc)
+
+    with ThreadPoolExecutor(workers) as pool:
+        sizes = list(pool.map(header, files))
+    shapes = {s for s in sizes if isinstance(s, tuple)}
+    native = next(iter(shapes))[0] if len(shapes) == 1 and len(set(next(iter(shapes)))) == 1 else None
+    side = native if native is not None and native <= resolution else resolution
+    resize = transforms.Compose([transforms.Resize(side), transforms.CenterCrop(side)])
+
+    array = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=(len(files), 3, side, side))
+
+    def decode(i: int) -> str | None:
+        if isinstance(sizes[i], str):
+            return sizes[i]
+        try:
+            with Image.open(files[i]) as image:
+                rgb = image.convert("RGB")
+            if rgb.size != (side, side):
+                rgb = resize(rgb)
+            array[i] = np.asarray(rgb).transpose(2, 0, 1)
+            return None
+        except Exception as exc:  # truncated files fail only here, at the full decode
+            return _reason(files[i], exc)
+
+    with ThreadPoolExecutor(workers) as pool:
+        problems = list(pool.map(decode, range(len(files))))
+    unreadable = [(str(files[i]), why) for i, why in enumerate(problems) if why is not None]
+    if unreadable:  # compact: rewrite without the bad rows
+        keep = np.array([why is None for why in problems])
+        good = np.array(array[keep])
+        del array
+        array = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=good.shape)
+        array[:] = good
+    array.flush()
+    with open(out, "rb") as fh:
+        os.fsync(fh.fileno())
+    return {"count": int(array.shape[0]), "side": side, "unreadable": unreadable}
+
+
+def pack_array(images_nhwc: np.ndarray, resolution: int, out: Path) -> dict[str, Any]:
+    """Pack an in-memory uint8 NHWC array (torchvision's CIFAR10.data) the same way."""
+    native = images_nhwc.shape[1]
+    if images_nhwc.shape[1] == images_nhwc.shape[2] and native <= resolution:
+        side, chw = native, images_nhwc.transpose(0, 3, 1, 2)
+    else:
+        side = resolution
+        resize = transforms.Compose([transforms.Resize(side), transforms.CenterCrop(side)])
+        chw = np.stack([np.asarray(resize(Image.fromarray(im))).transpose(2, 0, 1) for im in images_nhwc])
+    array = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=chw.shape)
+    array[:] = chw
+    array.flush()
+    return {"count": int(array.shape[0]), "side": side, "unreadable": []}
+
+
+def file_fingerprint(root: Path, files: Sequence[Path]) -> str:
+    """Changes when any file is added, removed, resized or touched."""
+    digest = hashlib.sha256(str(root.resolve()).encode())
+    for f in files:
+        st = f.stat()
+        digest.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _reason(path: Path, exc: Exception) -> str:
+    if path.stat().st_size == 0:
+        return "empty file"
+    return ((str(exc).splitlines() or [type(exc).__name__])[0] or type(exc).__name__)[:120]
