@@ -12,6 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from trainer import _torchvision_compat  # noqa: F401  (must run before torch_fidelity imports torchvision)
+
+# isort: split
 from torch_fidelity import FeatureExtractorBase
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from tests.conftest import REPO, launch_command, read_metrics, run_trainer, smoke_args, trainer_env
 from trainer import metrics
 from trainer.ema import EMA_FILE
+from trainer.evaluate import main as evaluate_main
 from trainer.sample import main as sample_main
 
 pytestmark = pytest.mark.slow
@@ -87,7 +88,7 @@ def test_training_evaluates_every_epoch_and_keeps_the_best_checkpoint(trained):
     assert (trained / "checkpoints" / "step-00000048" / EMA_FILE).is_file()
 
 
-def test_evaluate_tool_two_processes_equal_one_process(trained, tmp_path):
+def test_evaluate_tool_two_processes_equal_one_process(trained, tmp_path, capsys):
     one = tmp_path / "one.json"
     two = tmp_path / "two.json"
     # Fresh caches: the two-process run also computes the real statistics with two processes.
@@ -103,8 +104,8 @@ def test_evaluate_tool_two_processes_equal_one_process(trained, tmp_path):
     assert a["metrics"]["fid"] == [m for m in read_metrics(trained) if "fid" in m][-1]["fid"]
     assert "| FID |" in proc.stdout and one.with_suffix(".md").read_text().count("|") > 10
 
-    again = run_module("trainer.evaluate", [str(trained), "--out", str(one)], check=False)
-    assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr
+    assert evaluate_main([str(trained), "--out", str(one)]) == 2  # an existing table is never replaced silently
+    assert "exists; pass --overwrite" in capsys.readouterr().err
 
 
 def test_missing_inception_weights_stop_evaluation_and_training_with_the_fix(trained, tmp_path):

@@ -18,6 +18,10 @@ torch.utils.flop_counter) and the fraction of this GPU's measured bf16 matmul th
 
 from __future__ import annotations
 
+from trainer import _torchvision_compat  # noqa: F401  (must precede torchvision: see that module)
+
+# isort: split
+
 import argparse
 import json
 import multiprocessing as mp
@@ -124,12 +128,14 @@ def _reference_dataset(cfg: Config):
     import torchvision.datasets as dset
     import torchvision.transforms as T
 
-    transform = T.Compose([
-        T.Resize(cfg.model.resolution),
-        T.CenterCrop(cfg.model.resolution),
-        T.ToTensor(),
-        T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    ])
+    transform = T.Compose(
+        [
+            T.Resize(cfg.model.resolution),
+            T.CenterCrop(cfg.model.resolution),
+            T.ToTensor(),
+            T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        ]
+    )
     if cfg.data.source == "cifar10":
         return dset.CIFAR10(root=cfg.data.root, download=cfg.data.download, transform=transform)
     if cfg.data.source == "folder":
@@ -246,9 +252,13 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-    print(f"machine: {name}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, python {sys.version.split()[0]}")
-    print(f"config: {args.config or 'defaults'} {' '.join(args.overrides)} | global batch {cfg.train.batch_size}, "
-          f"{cfg.model.resolution}x{cfg.model.resolution}, {args.warmup} warm-up + {args.steps} measured steps")
+    print(
+        f"machine: {name}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, python {sys.version.split()[0]}"
+    )
+    print(
+        f"config: {args.config or 'defaults'} {' '.join(args.overrides)} | global batch {cfg.train.batch_size}, "
+        f"{cfg.model.resolution}x{cfg.model.resolution}, {args.warmup} warm-up + {args.steps} measured steps"
+    )
 
     runs: list[tuple[str, list[str]]] = [("ours", [])]
     if args.ablate:
@@ -263,8 +273,10 @@ def main(argv: list[str] | None = None) -> int:
 
     peak_tflops = measure_bf16_matmul_tflops(device) if device.type == "cuda" else None
     reference = next((r for r in results if r.name == "reference"), None)
-    print(f"{'':36} {'images/s':>10} {'ms/step':>9} {'peak MB':>9} {'vs reference':>13}"
-          + ("  roofline" if peak_tflops else ""))
+    print(
+        f"{'':36} {'images/s':>10} {'ms/step':>9} {'peak MB':>9} {'vs reference':>13}"
+        + ("  roofline" if peak_tflops else "")
+    )
     for r in results:
         ratio = f"{r.images_per_s / reference.images_per_s:.2f}x" if reference else "-"
         line = f"{r.name:36} {r.images_per_s:10.1f} {r.ms_per_step:9.1f} {r.peak_memory_mb:9.0f} {ratio:>13}"

@@ -8,6 +8,10 @@ bytes of float batches cross the host-to-device copy.
 
 from __future__ import annotations
 
+from trainer import _torchvision_compat  # noqa: F401  (must precede torchvision: see that module)
+
+# isort: split
+
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor

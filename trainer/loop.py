@@ -131,7 +131,8 @@ def train(cfg: Config) -> RunSummary:
     ema = GeneratorEMA(generator, cfg.train.ema_decay, accelerator) if cfg.train.ema_decay else None
     # Order matters: Accelerate saves them as model (G) / model_1 (D), optimizer / optimizer_1.
     generator, discriminator, opt_g, opt_d, loader = accelerator.prepare(generator, discriminator, opt_g, opt_d, loader)
-    unwrapped_g = accelerator.unwrap_model(generator)
+    # the plain modules: DDP, compile and autocast wrappers stay on the training path only
+    unwrapped_g = accelerator.unwrap_model(generator, keep_torch_compile=False)
     shown_g = ema.module if ema else unwrapped_g  # the generator that grids and evaluations show
 
     state = TrainState(global_batch=cfg.train.batch_size)
@@ -288,7 +289,7 @@ def train(cfg: Config) -> RunSummary:
             if ema:
                 export_weights(ema.module, run_dir / EMA_FILE, cfg.model, state.step)
             export_weights(
-                accelerator.unwrap_model(discriminator), run_dir / "discriminator.safetensors", cfg.model, state.step
+                accelerator.unwrap_model(discriminator, keep_torch_compile=False), run_dir / "discriminator.safetensors", cfg.model, state.step
             )
     elapsed = time.perf_counter() - start_time
     accelerator.wait_for_everyone()

@@ -18,6 +18,10 @@
 
 from __future__ import annotations
 
+from trainer import _torchvision_compat  # noqa: F401  (must precede torchvision: see that module)
+
+# isort: split
+
 import hashlib
 import importlib
 import json

@@ -17,6 +17,10 @@ Sample i is drawn from latent i of the seed, the same latent vector as sample i 
 
 from __future__ import annotations
 
+from trainer import _torchvision_compat  # noqa: F401  (must precede torchvision: see that module)
+
+# isort: split
+
 import argparse
 import os
 import shutil

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from trainer import _torchvision_compat  # noqa: F401  (must precede torchvision: see that module)
+
+# isort: split
+
 import json
 import os
 from pathlib import Path

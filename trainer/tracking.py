@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, is_tensorboard_available
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, is_tensorboard_available, is_wandb_available
 
 from trainer.checkpoint import TrainState
 from trainer.config import Config, LogConfig, to_dict
@@ -53,6 +53,11 @@ SECTIONS = {
     "loss_scale": "amp",
     "skipped_steps_D": "amp",
     "skipped_steps_G": "amp",
+    "fid": "eval",  # from the evaluator, every eval.every_epochs / eval.every_steps
+    "is_mean": "eval",
+    "is_std": "eval",
+    "kid_mean": "eval",
+    "kid_std": "eval",
 }
 STEP_METRIC = "images_seen"
 WANDB_MODE_ALIASES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline"}
@@ -108,8 +113,11 @@ def accelerator_kwargs(cfg: Config) -> dict[str, Any]:
             "log.tracker=tensorboard needs the tensorboard package: pip install tensorboard "
             "(or use log.tracker=wandb or none)"
         )
-    if tracker == "wandb" and os.environ.get("WANDB_MODE", "").strip().lower() == "disabled":
-        tracker = "none"  # wandb's own switch; without it Accelerate would still start a (no-op) run
+    if tracker == "wandb" and not is_wandb_available():
+        raise ConfigError("log.tracker=wandb needs the wandb package: pip install wandb (or use log.tracker=none)")
+    env_mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if tracker == "wandb" and cfg.log.wandb_mode == "auto" and env_mode == "disabled":
+        tracker = "none"  # wandb's own off switch; Accelerate would otherwise start a no-op run
     if tracker == "none":
         return {}
     if tracker == "tensorboard":  # writes to <logging_dir>/<project name>: <run.dir>/tensorboard

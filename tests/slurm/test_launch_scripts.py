@@ -1,4 +1,8 @@
-"""launch/slurm/ on the throwaway two-node cluster: one node, a warning signal mid-run, two nodes.
+"""launch/slurm/ on the throwaway two-node cluster (tests/slurm_cluster.py).
+
+One node with two processes; a warning signal mid-run (checkpoint, requeue, resume: bit-identical
+to the uninterrupted run); scancel (checkpoint, no requeue); two nodes of one process each; the
+generated `accelerate launch` lines for 2 and 8 nodes; a config error.
 
 The jobs run on the CPU: no GPU is allocated (--gpus-per-node=0 overrides the header) and
 PROCS_PER_NODE sets the processes per node, which then use gloo. Each job is submitted from the
@@ -21,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO, read_metrics, smoke_args
+from tests.wandb_offline import offline_run_files, read_offline_run
 
 pytestmark = pytest.mark.slurm
 
@@ -47,13 +52,13 @@ def _job_env(**settings: str) -> dict[str, str]:
     }
 
 
-def _submit(cluster, script: Path, work: Path, args: list[str], sbatch_args=(), **settings: str) -> str:
+def _submit(cluster, script: Path, work: Path, args: list[str], **settings: str) -> str:
     (work / "logs" / "slurm").mkdir(parents=True, exist_ok=True)
     return cluster.submit(
         script,
         args=args,
         env=_job_env(**settings),
-        sbatch_args=[f"--chdir={work}", *CPU_SBATCH, *sbatch_args],
+        sbatch_args=[f"--chdir={work}", *CPU_SBATCH],
         cwd=REPO,
         script_output=True,
     )
@@ -66,6 +71,14 @@ def _log(work: Path, job: str) -> str:
 def _same(a: Path, b: Path) -> bool:
     x, y = load_file(str(a)), load_file(str(b))
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def _wait_for_checkpoint(cluster, job: str, checkpoint: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not checkpoint.is_dir():
+        assert cluster.state(job) in ("PENDING", "RUNNING"), cluster.job_report(job)
+        assert time.monotonic() < deadline, cluster.job_report(job)
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +118,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes_to_the_same_weights(slu
     # run.resume=never guards the first start only: the requeued job must resume all the same.
     args = smoke_args(run_dir, *LONG, "run.resume=never")
     job = _submit(slurm_cluster, SINGLE_NODE, work, args, PROCS_PER_NODE="2")
-    first = run_dir / "checkpoints" / "step-00000008"
-    deadline = time.monotonic() + 120
-    while not first.is_dir():
-        assert slurm_cluster.state(job) in ("PENDING", "RUNNING"), slurm_cluster.job_report(job)
-        assert time.monotonic() < deadline, slurm_cluster.job_report(job)
-        time.sleep(0.05)
+    _wait_for_checkpoint(slurm_cluster, job, run_dir / "checkpoints" / "step-00000008")
     # What `#SBATCH --signal=B:USR1@300` does before the time limit, without waiting for it
     # (tests/slurm/test_cluster.py shows that header signal reaching a batch script's trap).
     slurm_cluster.cancel(job, signal_name="USR1", batch_only=True)
@@ -134,6 +142,30 @@ def test_warning_signal_checkpoints_requeues_and_resumes_to_the_same_weights(slu
     assert [m["images_seen"] for m in read_metrics(run_dir)] == [m["images_seen"] for m in read_metrics(reference)]
     for name in ("generator.safetensors", "discriminator.safetensors"):
         assert _same(reference / name, run_dir / name), name
+    # One W&B run (offline here) across both starts, grouped under the Slurm job id.
+    files = offline_run_files(run_dir)
+    runs = [read_offline_run(path) for path in files]
+    assert len(runs) == 2 and len({r.run_id for r in runs}) == 1, [p.parent.name for p in files]
+    assert {r.group for r in runs} == {job}
+
+
+def test_scancel_checkpoints_and_does_not_requeue(slurm_cluster, tmp_path):
+    """SIGTERM (scancel; the time limit and preemption send the same) reaches every process of the
+    job: the trainer checkpoints within Slurm's KillWait (5 s here), and the job stays cancelled.
+    Without W&B: Slurm's SIGTERM also kills W&B's service process, and rank 0 then fails (see README)."""
+    work = tmp_path / "work"
+    run_dir = work / "run"
+    job = _submit(slurm_cluster, SINGLE_NODE, work, smoke_args(run_dir, *LONG, "log.tracker=none"), PROCS_PER_NODE="2")
+    _wait_for_checkpoint(slurm_cluster, job, run_dir / "checkpoints" / "step-00000008")
+    slurm_cluster.cancel(job)
+    assert slurm_cluster.wait(job, timeout=60) == "CANCELLED", slurm_cluster.job_report(job)
+    log = _log(work, job)
+    stopped = re.search(r"stopped at step (\d+)/128 \(SIGTERM\)", log)
+    assert stopped, log
+    step = int(stopped.group(1))
+    assert (run_dir / "checkpoints" / f"step-{step:08d}" / "manifest.json").is_file(), log
+    assert "got SIGTERM" in log and "requeueing" not in log, log
+    assert slurm_cluster.job_info(job)["Restarts"] == "0"
 
 
 def test_multi_node_script_trains_on_two_nodes_to_identical_weights(slurm_cluster, single_node_run, tmp_path):
@@ -156,7 +188,7 @@ def test_multi_node_script_trains_on_two_nodes_to_identical_weights(slurm_cluste
             r"--main_process_ip 127\.0\.0\.1 --main_process_port \d+ --num_processes 2 ",
             log,
         ), log
-    assert "(1 per process x 2)" not in log and "(8 per process x 2)" in log, log
+    assert "(8 per process x 2)" in log, log  # one process on each node: a world of two
     assert "finished at step 128/128" in log, log
 
     for model in (0, 1):  # G, D
