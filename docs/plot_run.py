@@ -40,10 +40,10 @@ def plot_run(run_dir: Path, out: Path) -> None:
         if len(names) > 1:
             ax.legend()
     samples = run_dir / "samples"
-    grids = sorted(samples.glob("step_*.png"))
+    newest = max([*samples.glob("step_*.png"), *samples.glob("epoch_*.png")], key=lambda p: p.stat().st_mtime)
     for ax, path, title in (
         (axes[1, 1], samples / "real.png", "samples/real"),
-        (axes[1, 2], grids[-1], f"samples/fixed_noise, step {int(grids[-1].stem.split('_')[1])}"),
+        (axes[1, 2], newest, f"samples/fixed_noise ({newest.stem.replace('_', ' ').lstrip('0')})"),
     ):
         with Image.open(path) as image:
             ax.imshow(image.convert("RGB"))

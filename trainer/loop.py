@@ -115,8 +115,8 @@ def train(cfg: Config) -> RunSummary:
     use_sync_bn = check_against_hardware(cfg, accelerator)
     console = Console(accelerator)
     run_dir = Path(cfg.run.dir)
-    console.config(to_dict(cfg), str(run_dir / "config.yaml"))
     tracker = Tracker(cfg, accelerator, console)  # W&B online without credentials fails here, before any data
+    console.config(to_dict(cfg), str(run_dir / "config.yaml"))
 
     checkpointer = Checkpointer(run_dir, accelerator, cfg.ckpt.keep)
     resume_from = checkpointer.find_resume_point(cfg.run.resume, cfg)  # fails before anything is written
@@ -307,6 +307,7 @@ def train(cfg: Config) -> RunSummary:
     )
     # Finishes the tracker run (W&B prints its own summary) and tears down the process group:
     # nothing collective may follow, only rank 0's summary.
+    tracker.finish()
     accelerator.end_training()
     console.print(
         f"{'stopped' if summary.stopped_early else 'finished'} at step {state.step}/{total_steps}"

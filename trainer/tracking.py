@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import netrc
 import os
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -97,10 +98,11 @@ def resolve_wandb_mode(log: LogConfig, environ: Mapping[str, str] = os.environ) 
     else:
         return "offline", "no W&B credentials found (WANDB_API_KEY or `wandb login`)"
     if mode == "online" and not wandb_credentials_found(environ):
+        # log.wandb_mode wins over WANDB_MODE, so only the config key fixes a config key
+        offline = "log.wandb_mode=offline" + (" or WANDB_MODE=offline" if source.startswith("WANDB_MODE") else "")
         raise TrackingError(
             f"W&B online mode ({source}) needs credentials and none were found: run `wandb login` "
-            "(or set WANDB_API_KEY), or log offline with log.wandb_mode=offline (or WANDB_MODE=offline) "
-            "and upload later with `wandb sync`"
+            f"(or set WANDB_API_KEY), or log offline with {offline} and upload later with `wandb sync`"
         )
     return mode, source
 
@@ -277,13 +279,39 @@ class Tracker:
             return [("tracking", f"W&B {self.location}")]
         return [("tracking", f"W&B offline: {self.location}"), ("upload with", str(self.sync_command))]
 
+    def _guarded(self, what: str, action: Callable[[], None]) -> None:
+        """Run a tracker call; if the tracker fails, warn once and go on without it.
+
+        The tracker must never cost a checkpoint: on Slurm, a time limit or scancel sends SIGTERM
+        to every process of the job, W&B's service process included, and the next log call would
+        raise (ConnectionResetError) just before the trainer writes its stop checkpoint.
+        """
+        try:
+            action()
+        except Exception as exc:  # wandb and tensorboard raise many kinds
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            warnings.warn(
+                f"the {self.kind} tracker failed while {what} ({type(exc).__name__}: {reason}); tracking stops "
+                "for this start, training and checkpoints go on, and metrics.jsonl keeps every row",
+                stacklevel=3,
+            )
+            self._why = f"failed while {what}"
+            self.kind = "none"
+            self.acc.trackers = []  # so that end_training does not call it again
+
+    def finish(self) -> None:
+        """Close the tracker run before `accelerator.end_training()`, tolerating a dead tracker."""
+        if self.acc.trackers:
+            self._guarded("finishing the run", lambda: [tracker.finish() for tracker in self.acc.trackers])
+            self.acc.trackers = []
+
     def log_metrics(self, metrics: Mapping[str, float], state: TrainState) -> None:
         """One dashboard row at `state.images_seen`; names get their section prefix (train/, opt/, ...)."""
         if not self.active:
             return
         row: dict[str, Any] = {f"{SECTIONS.get(name, 'train')}/{name}": value for name, value in metrics.items()}
         row.update({STEP_METRIC: state.images_seen, "epoch": state.epoch})
-        self.acc.log(row, step=state.images_seen)
+        self._guarded("logging metrics", lambda: self.acc.log(row, step=state.images_seen))
 
     def log_image(self, name: str, path: Path, state: TrainState, caption: str) -> None:
         """The PNG the loop wrote, as `samples/<name>`: W&B's media slider steps through training."""
@@ -295,11 +323,15 @@ class Tracker:
 
             # With its x-axis value: otherwise W&B plots it at the last images_seen it was given.
             row = {key: wandb.Image(str(path), caption=caption), STEP_METRIC: state.images_seen, "epoch": state.epoch}
-            self.acc.log(row, step=state.images_seen)
+            self._guarded("logging an image", lambda: self.acc.log(row, step=state.images_seen))
         else:
             import numpy as np
             from PIL import Image
 
             with Image.open(path) as image:
                 pixels = np.asarray(image.convert("RGB"))[None]
-            self.acc.get_tracker("tensorboard").log_images({key: pixels}, step=state.images_seen, dataformats="NHWC")
+            tensorboard = self.acc.get_tracker("tensorboard")
+            self._guarded(
+                "logging an image",
+                lambda: tensorboard.log_images({key: pixels}, step=state.images_seen, dataformats="NHWC"),
+            )
