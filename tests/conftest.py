@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import tempfile
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -75,6 +75,18 @@ def run_trainer(
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
     return proc
+
+
+def start_trainer(args: list[str], processes: int = 1) -> subprocess.Popen:
+    """The trainer in the background (output merged into stdout), for tests that signal or kill it."""
+    return subprocess.Popen(
+        launch_command(args, processes),
+        cwd=REPO,
+        env=trainer_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def smoke_args(run_dir: Path, *overrides: str) -> list[str]:

@@ -174,3 +174,22 @@ def test_crash_anywhere_loses_nothing(tmp_path):
     assert not figures.failures, "\n".join(figures.failures)
     assert figures.checkpoints_lost == 0 and figures.final_weights_matched == trials
     assert figures.kills >= trials and figures.kills_during_checkpoint_writes >= 1
+
+
+def test_no_credentials_in_logs_configs_or_tracker_files(tmp_path):
+    secrets = {"WANDB_API_KEY": "wandbsecret" + "0" * 29, "HF_TOKEN": "hf_secretTOKENvalue123", "GITHUB_TOKEN": "ghp_secretTOKEN456"}
+    run_dir = tmp_path / "run"
+    old = dict(os.environ)
+    os.environ.update(secrets)
+    try:  # W&B offline (explicit), with an API key in the environment as on a logged-in cluster
+        proc = run_trainer(smoke_args(run_dir, "train.max_steps=10", "log.tracker=wandb", "log.wandb_mode=offline"))
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    assert list((run_dir / "wandb").glob("offline-run-*"))  # the tracker's own files are there to search
+    leaks = []
+    for path in [p for p in tmp_path.rglob("*") if p.is_file()]:
+        data = path.read_bytes()
+        leaks += [f"{name} in {path}" for name, value in secrets.items() if value.encode() in data]
+    leaks += [f"{name} in output" for name, value in secrets.items() if value in proc.stdout + proc.stderr]
+    assert not leaks, leaks

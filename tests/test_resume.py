@@ -1,14 +1,13 @@
 """Checkpoint selection and clean stops, through the real entry point."""
 
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, launch_command, run_trainer, smoke_args, trainer_env
+from tests.conftest import run_trainer, smoke_args, start_trainer
 from tests.test_training import _wait_for
 
 pytestmark = pytest.mark.slow
@@ -80,14 +79,7 @@ def test_explicit_resume_into_a_new_run_dir_and_refusal_to_fork_in_place(tmp_pat
 def test_clean_stop_checkpoints_and_resume_matches_uninterrupted(tmp_path, how, processes):
     reference, stopped = tmp_path / "reference", tmp_path / "stopped"
     run_trainer(smoke_args(reference, *LONG), processes=processes)
-    proc = subprocess.Popen(
-        launch_command(smoke_args(stopped, *LONG), processes),
-        cwd=REPO,
-        env=trainer_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_trainer(smoke_args(stopped, *LONG), processes)
     try:
         _wait_for(stopped / "checkpoints" / "step-00000008", proc, timeout=120)
         if how == "sigterm":

@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, launch_command, read_metrics, run_trainer, smoke_args, trainer_env
+from tests.conftest import REPO, read_metrics, run_trainer, smoke_args, start_trainer
 from trainer.models import Generator
 
 pytestmark = pytest.mark.slow
@@ -127,14 +127,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
     run_trainer(smoke_args(reference, *args))
 
-    proc = subprocess.Popen(
-        launch_command(smoke_args(crashed, *args)),
-        cwd=REPO,
-        env=trainer_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_trainer(smoke_args(crashed, *args))
     try:
         _wait_for(crashed / "checkpoints" / "step-00000016", proc, timeout=120)
         proc.send_signal(signal.SIGKILL)

@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ablate", action="store_true", help="also run ours with each optimisation off")
     parser.add_argument("--no-reference", action="store_true", help="skip the classic loop")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)  # validate before spending minutes
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

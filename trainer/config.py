@@ -58,6 +58,7 @@ class TrainConfig:
     sync_bn: str = "auto"  # auto | true | false (YAML booleans accepted)
     channels_last: bool = True  # NHWC models and batches (faster convolutions on CPU and GPU)
     compile: bool = False  # torch.compile G and D (inductor); see docs/performance.md for when it pays
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"  # reduce-overhead: CUDA graphs
     on_nonfinite: Literal["stop", "rollback"] = "stop"  # NaN/inf losses: stop, or reload the newest checkpoint
     max_rollbacks: int = 3  # with on_nonfinite=rollback: give up (stop) after this many
     # EMA of the generator's weights (e.g. 0.999), used for evaluation and samples; null or 0: off (classic)
@@ -278,5 +279,5 @@ def parse_args(argv: list[str] | None = None) -> Config:
     )
     parser.add_argument("--config", help="YAML file in configs/ (default: the schema defaults, the classic recipe)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     return load_config(args.config, args.overrides)

@@ -158,7 +158,7 @@ def train(cfg: Config) -> RunSummary:
         # A seeded random pick: the first files of a sorted folder would all be one class.
         picks = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.run.seed))
         real_images = [dataset[int(i)] for i in picks[: cfg.log.sample_grid_size]]
-        save_real_grid(torch.stack(real_images), samples_dir / "real.png")
+        save_real_grid(to_model_input(torch.stack(real_images), cfg.model.resolution), samples_dir / "real.png")
     # Resuming this run's own checkpoint continues its W&B run; a checkpoint of another run starts a new one.
     continuing = resume_from is not None and resume_from.resolve().parent == checkpointer.dir.resolve()
     state.tracker_run_id = tracker.start(cfg, state, continuing, samples_dir / "real.png")  # saved in checkpoints

@@ -7,7 +7,7 @@ import warnings
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, TorchDynamoPlugin
 
 from trainer.config import Config
 from trainer.errors import ConfigError
@@ -29,8 +29,12 @@ def build_accelerator(cfg: Config) -> Accelerator:
         return Accelerator(
             cpu=multi_process_cpu,
             mixed_precision=cfg.train.mixed_precision,
-            # Accelerate compiles after the DDP wrap, as DDP's compiled-graph support expects.
-            dynamo_backend="inductor" if cfg.train.compile else "no",
+            # Accelerate compiles after the DDP wrap, as DDP's compiled-graph support expects;
+            # mode=reduce-overhead adds CUDA graphs.
+            dynamo_plugin=TorchDynamoPlugin(
+                backend="inductor" if cfg.train.compile else "no",
+                mode=cfg.train.compile_mode if cfg.train.compile else None,
+            ),
             # split_batches: the loader yields GLOBAL batches and each rank takes its slice, so the
             # data order is the same for any number of processes. The seedable sampler gives every
             # rank the same shuffle, reseeded from run.seed + epoch.

@@ -47,9 +47,10 @@ def save_generator_grid(generator: nn.Module, noise: torch.Tensor, path: Path, a
     _atomic_save_image(images, path)
 
 
-def save_real_grid(images_uint8: torch.Tensor, path: Path) -> None:
+def save_real_grid(images: torch.Tensor, path: Path) -> None:
+    """`images` as the model sees them: resized, in [-1, 1]."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_save_image(images_uint8.float() / 127.5 - 1.0, path)
+    _atomic_save_image(images, path)
 
 
 def export_weights(module: nn.Module, path: Path, model_cfg: ModelConfig, step: int) -> None:
