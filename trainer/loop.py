@@ -243,13 +243,18 @@ def train(cfg: Config) -> RunSummary:
                     state.epoch += 1
                     state.step_in_epoch = 0
                 console.advance(state.step, state.epoch)
-                save_due = state.step % cfg.ckpt.every_steps == 0 or epoch_done or state.step >= total_steps
+                # A stop (signal or STOP file, agreed by all ranks) logs its last window and saves
+                # through the same health check as any other checkpoint.
+                stopping = state.step < total_steps and stop.should_stop(state.step)
+                save_due = (
+                    state.step % cfg.ckpt.every_steps == 0 or epoch_done or state.step >= total_steps or stopping
+                )
                 problem = watch.check(state.step, before_save=save_due)
                 if problem:
                     recover(problem)
                     break  # the outer loop restarts from the restored state
 
-                if state.step % cfg.log.every_steps == 0 or state.step == total_steps:
+                if state.step % cfg.log.every_steps == 0 or state.step == total_steps or stopping:
                     last_metrics = meter.mean_across_ranks(accelerator)
                     now = time.perf_counter()
                     images_per_s = (state.step - window_step) * cfg.train.batch_size / max(now - window_time, 1e-9)
@@ -274,7 +279,7 @@ def train(cfg: Config) -> RunSummary:
                     or state.step >= total_steps
                 ):
                     window_time += evaluate()  # evaluation time does not count against images/s
-                if state.step >= total_steps or stop.should_stop(state.step):
+                if state.step >= total_steps or stopping:
                     break
     finally:
         console.stop_progress()
