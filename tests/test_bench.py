@@ -14,9 +14,24 @@ pytestmark = pytest.mark.slow
 def test_bench_reports_ours_and_the_classic_loop(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "trainer.bench", "--config", str(SMOKE), "--steps", "3", "--warmup", "1",
-         "--json", str(out)],
-        cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "trainer.bench",
+            "--config",
+            str(SMOKE),
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        env=trainer_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = {r["name"]: r for r in json.loads(out.read_text())["results"]}

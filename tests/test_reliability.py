@@ -48,8 +48,12 @@ def test_failed_checkpoint_write_stops_clearly_and_keeps_earlier_ones(tmp_path):
 
 def _mount_tmpfs(path: Path, size: str) -> bool:
     path.mkdir()
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 def test_real_full_disk(tmp_path):
@@ -90,8 +94,10 @@ def test_nan_rolls_back_when_configured(tmp_path):
     assert state["rollbacks"] == 1
     assert all(m["loss_D"] == m["loss_D"] for m in read_metrics(run_dir) if m["step"] >= 20)  # finite again
 
-    no_budget = run_with_faults(smoke_args(tmp_path / "b", "train.on_nonfinite=rollback", "train.max_rollbacks=0"),
-                                FAULT_NAN_AT_STEP="13:generator")
+    no_budget = run_with_faults(
+        smoke_args(tmp_path / "b", "train.on_nonfinite=rollback", "train.max_rollbacks=0"),
+        FAULT_NAN_AT_STEP="13:generator",
+    )
     assert no_budget.returncode == 3 and "train.max_rollbacks is used up" in error_lines(no_budget)[0]
 
 
@@ -120,7 +126,9 @@ def _bad_tree(root: Path) -> Path:
 def test_bad_files_stop_before_training_by_default(tmp_path):
     root = _bad_tree(tmp_path / "imgs")
     run_dir = tmp_path / "run"
-    proc = run_trainer(smoke_args(run_dir, "data.source=folder", f"data.root={root}", "train.batch_size=8"), check=False)
+    proc = run_trainer(
+        smoke_args(run_dir, "data.source=folder", f"data.root={root}", "train.batch_size=8"), check=False
+    )
     assert proc.returncode == 2
     [line] = error_lines(proc)
     assert "3 of 27 image files" in line and "zero.jpg (empty file)" in line and "data.bad_files=skip" in line
@@ -130,8 +138,16 @@ def test_bad_files_stop_before_training_by_default(tmp_path):
 def test_bad_files_skipped_when_configured(tmp_path):
     root = _bad_tree(tmp_path / "imgs")
     run_dir = tmp_path / "run"
-    proc = run_trainer(smoke_args(run_dir, "data.source=folder", f"data.root={root}", "train.batch_size=8",
-                                  "data.bad_files=skip", "train.max_steps=6"))
+    proc = run_trainer(
+        smoke_args(
+            run_dir,
+            "data.source=folder",
+            f"data.root={root}",
+            "train.batch_size=8",
+            "data.bad_files=skip",
+            "train.max_steps=6",
+        )
+    )
     assert "3 of 27 image files" in proc.stderr and "skipped (data.bad_files=skip)" in proc.stderr
     assert "ignoring 1 files without an image extension" in proc.stderr
     assert "24 images, 3 steps/epoch" in proc.stdout
@@ -177,7 +193,11 @@ def test_crash_anywhere_loses_nothing(tmp_path):
 
 
 def test_no_credentials_in_logs_configs_or_tracker_files(tmp_path):
-    secrets = {"WANDB_API_KEY": "wandbsecret" + "0" * 29, "HF_TOKEN": "hf_secretTOKENvalue123", "GITHUB_TOKEN": "ghp_secretTOKEN456"}
+    secrets = {
+        "WANDB_API_KEY": "wandbsecret" + "0" * 29,
+        "HF_TOKEN": "hf_secretTOKENvalue123",
+        "GITHUB_TOKEN": "ghp_secretTOKEN456",
+    }
     run_dir = tmp_path / "run"
     old = dict(os.environ)
     os.environ.update(secrets)

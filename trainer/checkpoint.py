@@ -194,7 +194,9 @@ class Checkpointer:
             _fsync_file(file)
             files[file.name] = {"size": file.stat().st_size, "sha256": _sha256(file)}
         manifest = tmp / MANIFEST
-        manifest.write_text(json.dumps({"format_version": FORMAT_VERSION, "step": state.step, "files": files}, indent=2))
+        manifest.write_text(
+            json.dumps({"format_version": FORMAT_VERSION, "step": state.step, "files": files}, indent=2)
+        )
         _fsync_file(manifest)
         _fsync_dir(tmp)
         if final.exists():  # cannot happen through `find_resume_point`; never overwrite one

@@ -256,7 +256,9 @@ def _validate_eval(cfg: Config) -> None:
         f"eval.split=test needs data.source=cifar10; for data.source={cfg.data.source} point data.root "
         "at the folder to compare with and keep eval.split=train",
     )
-    _require(bool(ev.feature_extractor), "eval.feature_extractor is empty; e.g. eval.feature_extractor=inception-v3-compat")
+    _require(
+        bool(ev.feature_extractor), "eval.feature_extractor is empty; e.g. eval.feature_extractor=inception-v3-compat"
+    )
 
 
 def evaluation_enabled(cfg: Config) -> bool:

@@ -105,8 +105,11 @@ def build_networks(
         discriminator.to(memory_format=torch.channels_last)
     fused = accelerator.device.type == "cuda" or None  # one kernel for the whole update on CUDA
     adam = {"lr": cfg.train.lr, "betas": tuple(cfg.train.betas), "fused": fused}
-    return generator, discriminator, torch.optim.Adam(generator.parameters(), **adam), torch.optim.Adam(
-        discriminator.parameters(), **adam
+    return (
+        generator,
+        discriminator,
+        torch.optim.Adam(generator.parameters(), **adam),
+        torch.optim.Adam(discriminator.parameters(), **adam),
     )
 
 
@@ -209,11 +212,16 @@ def train(cfg: Config) -> RunSummary:
             vars(state).update(vars(restored), rollbacks=attempt)
             watch.reset()
             meter.reset()
-            console.print(f"warning: the {where}; rolled back to {newest} (rollback {attempt} of "
-                          f"{cfg.train.max_rollbacks}), replaying with new noise")
+            console.print(
+                f"warning: the {where}; rolled back to {newest} (rollback {attempt} of "
+                f"{cfg.train.max_rollbacks}), replaying with new noise"
+            )
             return
-        advice = ("train.max_rollbacks is used up" if cfg.train.on_nonfinite == "rollback"
-                  else "set train.on_nonfinite=rollback to reload the newest checkpoint automatically")
+        advice = (
+            "train.max_rollbacks is used up"
+            if cfg.train.on_nonfinite == "rollback"
+            else "set train.on_nonfinite=rollback to reload the newest checkpoint automatically"
+        )
         raise DivergenceError(
             f"the {where}. Newest checkpoint: {newest or 'none'} (it is healthy: checkpoints are checked "
             f"before they are written). Lower train.lr or use train.mixed_precision=no, or {advice}; "
@@ -246,9 +254,7 @@ def train(cfg: Config) -> RunSummary:
                 # A stop (signal or STOP file, agreed by all ranks) logs its last window and saves
                 # through the same health check as any other checkpoint.
                 stopping = state.step < total_steps and stop.should_stop(state.step)
-                save_due = (
-                    state.step % cfg.ckpt.every_steps == 0 or epoch_done or state.step >= total_steps or stopping
-                )
+                save_due = state.step % cfg.ckpt.every_steps == 0 or epoch_done or state.step >= total_steps or stopping
                 problem = watch.check(state.step, before_save=save_due)
                 if problem:
                     recover(problem)
@@ -294,7 +300,10 @@ def train(cfg: Config) -> RunSummary:
             if ema:
                 export_weights(ema.module, run_dir / EMA_FILE, cfg.model, state.step)
             export_weights(
-                accelerator.unwrap_model(discriminator, keep_torch_compile=False), run_dir / "discriminator.safetensors", cfg.model, state.step
+                accelerator.unwrap_model(discriminator, keep_torch_compile=False),
+                run_dir / "discriminator.safetensors",
+                cfg.model,
+                state.step,
             )
     elapsed = time.perf_counter() - start_time
     accelerator.wait_for_everyone()

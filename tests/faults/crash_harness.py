@@ -28,8 +28,14 @@ from safetensors.torch import load_file
 from tests.conftest import REPO, launch_command, run_trainer, smoke_args, trainer_env
 from trainer.checkpoint import verify
 
-ARGS = ["data.fake_size=512", "train.epochs=2", "ckpt.every_steps=3", "ckpt.keep=3", "log.every_steps=8",
-        "log.sample_every_steps=16"]
+ARGS = [
+    "data.fake_size=512",
+    "train.epochs=2",
+    "ckpt.every_steps=3",
+    "ckpt.keep=3",
+    "log.every_steps=8",
+    "log.sample_every_steps=16",
+]
 RESUMED = re.compile(r"resumed from (\S+) \(step")
 
 
@@ -44,11 +50,13 @@ class Figures:
     failures: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return (f"crash harness: {self.trials} trials, {self.kills} SIGKILLs "
-                f"({self.kills_during_checkpoint_writes} during checkpoint writes), "
-                f"{self.resumes_checked} resumes from the newest complete checkpoint, "
-                f"{self.final_weights_matched}/{self.trials} final weights identical to the uninterrupted run, "
-                f"{self.checkpoints_lost} checkpoints lost")
+        return (
+            f"crash harness: {self.trials} trials, {self.kills} SIGKILLs "
+            f"({self.kills_during_checkpoint_writes} during checkpoint writes), "
+            f"{self.resumes_checked} resumes from the newest complete checkpoint, "
+            f"{self.final_weights_matched}/{self.trials} final weights identical to the uninterrupted run, "
+            f"{self.checkpoints_lost} checkpoints lost"
+        )
 
 
 def _complete(run_dir: Path) -> dict[str, Path]:
@@ -93,8 +101,14 @@ def run_trial(index: int, seed: int, workdir: Path, reference: Path, figures: Fi
     label = f"trial {index} (reproduce: python -m tests.faults.crash_harness --seed {seed} --only {index})"
     expected: Path | None = None
     for _ in range(rng.randint(1, 2)):
-        proc = subprocess.Popen(launch_command(smoke_args(run_dir, *ARGS)), cwd=REPO, env=trainer_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        proc = subprocess.Popen(
+            launch_command(smoke_args(run_dir, *ARGS)),
+            cwd=REPO,
+            env=trainer_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         killed = _kill_at_random(proc, run_dir, rng)
         out = proc.stdout.read()
         proc.stdout.close()
