@@ -1,5 +1,4 @@
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,7 +83,3 @@ def test_loader_yields_full_global_batches():
     assert len(loader) == 4 and all(b.shape[0] == 16 for b in loader)
     with pytest.raises(DataError, match="fewer than one global batch"):
         build_dataloader(FakeImages(8, 16), global_batch=16, num_workers=0)
-
-
-def test_tree_helper_writes_files(tmp_path: Path):
-    assert len(list(write_image_tree(tmp_path, 6).rglob("*.*"))) == 6

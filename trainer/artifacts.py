@@ -6,6 +6,7 @@ the loop (see checkpoint.py for the layout) and never writes to them.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -16,6 +17,13 @@ from trainer.config import Config, load_config
 from trainer.ema import EMA_FILE, GENERATOR_FILE
 from trainer.errors import CheckpointError
 from trainer.models import Generator
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """`target`, `--best` and `--raw`: which checkpoint and which generator, as `load_generator` reads them."""
+    parser.add_argument("target", help="a run directory (its newest checkpoint) or a checkpoint directory")
+    parser.add_argument("--best", action="store_true", help="the run's best checkpoint (lowest FID) instead")
+    parser.add_argument("--raw", action="store_true", help="the raw generator even if the checkpoint has an EMA")
 
 
 def find_checkpoint(target: str, best: bool = False) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -112,6 +113,11 @@ class Config:
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def user_cache_dir(kind: str) -> Path:
+    """Default of data.cache_dir / eval.cache_dir: $XDG_CACHE_HOME (or ~/.cache)/dcgan-trainer/<kind>."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dcgan-trainer" / kind
 
 
 def _first_line(exc: OmegaConfBaseException) -> str:

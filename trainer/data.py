@@ -26,15 +26,15 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
 
-from trainer.config import DataConfig
+from trainer.config import DataConfig, user_cache_dir
 from trainer.errors import DataError
 from trainer.packed import (
     PackedImages,
-    default_cache_dir,
     file_fingerprint,
     open_or_build,
     pack_array,
     pack_files,
+    unreadable_reason,
     whole_batch,
 )
 
@@ -165,7 +165,7 @@ def report_unreadable(unreadable: list[tuple[str, str]], total: int, root: Path,
 
 def build_packed(cfg: DataConfig, resolution: int) -> PackedImages:
     """The source decoded once into the packed cache (built on first use, then reused)."""
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else user_cache_dir("packed")
     if cfg.source == "folder":
         listing = ImageFiles(cfg.root, transform=None)
         key = {"source": "folder", "files": file_fingerprint(listing.root, listing.files), "resolution": resolution}
@@ -192,8 +192,7 @@ def find_unreadable(files: list[Path], workers: int | None = None) -> list[tuple
                 image.load()
             return None
         except Exception as exc:  # PIL raises many types: UnidentifiedImageError, OSError, SyntaxError...
-            reason = "empty file" if path.stat().st_size == 0 else (str(exc).splitlines() or [type(exc).__name__])[0]
-            return str(path), reason[:120]
+            return str(path), unreadable_reason(path, exc)
 
     with ThreadPoolExecutor(workers or min(32, os.cpu_count() or 1)) as pool:
         return [found for found in pool.map(check, files) if found is not None]

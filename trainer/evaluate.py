@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from trainer.artifacts import add_checkpoint_arguments
 from trainer.errors import UserError
 
 
@@ -24,9 +25,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="FID / IS / KID of a checkpoint's generator (EMA weights when present).",
         epilog="example: accelerate launch -m trainer.evaluate runs/dcgan_cifar10 eval.num_samples=50000",
     )
-    parser.add_argument("target", help="a run directory (its newest checkpoint) or a checkpoint directory")
-    parser.add_argument("--best", action="store_true", help="the run's best checkpoint (lowest FID) instead")
-    parser.add_argument("--raw", action="store_true", help="the raw generator even if the checkpoint has an EMA")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--out", help="JSON file to write (default: <run dir>/eval/<checkpoint>-<ema|raw>-n<N>.json)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument(

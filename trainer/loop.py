@@ -48,7 +48,7 @@ class RunSummary:
 
 
 class MetricMeter:
-    """Sums metric tensors on the device between log steps; `mean` is the only host sync."""
+    """Sums metric tensors on the device between log steps; `mean_across_ranks` is their only host sync."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}

@@ -40,7 +40,7 @@ from accelerate.utils import broadcast_object_list
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from trainer.config import Config
+from trainer.config import Config, user_cache_dir
 from trainer.data import CIFAR10Images, build_dataset, pil_to_uint8
 from trainer.errors import EvaluationError, UserError
 from trainer.models import Generator
@@ -265,11 +265,6 @@ def compute_metrics(
 
 
 # ---- reference statistics: identity, dataset, cache --------------------------------------------
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "dcgan-trainer" / "reference-stats"
-
-
 def reference_identity(cfg: Config, weights: Path | None) -> dict[str, Any]:
     """Everything the real-image statistics depend on; its hash names the cache file."""
     data = cfg.data
@@ -297,7 +292,7 @@ def reference_identity(cfg: Config, weights: Path | None) -> dict[str, Any]:
 
 
 def reference_path(cfg: Config, identity: dict[str, Any]) -> Path:
-    cache_dir = Path(cfg.eval.cache_dir).expanduser() if cfg.eval.cache_dir else default_cache_dir()
+    cache_dir = Path(cfg.eval.cache_dir).expanduser() if cfg.eval.cache_dir else user_cache_dir("reference-stats")
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     extractor = "".join(c if c.isalnum() or c in "-_" else "_" for c in cfg.eval.feature_extractor)[-40:]
     return cache_dir / f"{identity['source']}-{identity['split']}-{identity['resolution']}px-{extractor}-{digest}.npz"

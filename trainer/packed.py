@@ -34,10 +34,6 @@ from torchvision import transforms
 FORMAT_VERSION = 1
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dcgan-trainer" / "packed"
-
-
 def whole_batch(batch: torch.Tensor) -> torch.Tensor:
     """collate_fn for datasets whose `__getitems__` already returns the batch tensor."""
     return batch
@@ -96,7 +92,7 @@ def pack_files(files: Sequence[Path], resolution: int, out: Path, workers: int |
             with Image.open(path) as image:
                 return image.size
         except Exception as exc:  # PIL raises many types for bad files
-            return _reason(path, exc)
+            return unreadable_reason(path, exc)
 
     with ThreadPoolExecutor(workers) as pool:
         sizes = list(pool.map(header, files))
@@ -118,7 +114,7 @@ def pack_files(files: Sequence[Path], resolution: int, out: Path, workers: int |
             array[i] = np.asarray(rgb).transpose(2, 0, 1)
             return None
         except Exception as exc:  # truncated files fail only here, at the full decode
-            return _reason(files[i], exc)
+            return unreadable_reason(files[i], exc)
 
     with ThreadPoolExecutor(workers) as pool:
         problems = list(pool.map(decode, range(len(files))))
@@ -159,7 +155,8 @@ def file_fingerprint(root: Path, files: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
-def _reason(path: Path, exc: Exception) -> str:
+def unreadable_reason(path: Path, exc: Exception) -> str:
+    """Why PIL could not read `path`, in a few words for the report."""
     if path.stat().st_size == 0:
         return "empty file"
     return ((str(exc).splitlines() or [type(exc).__name__])[0] or type(exc).__name__)[:120]

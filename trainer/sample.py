@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from trainer.artifacts import add_checkpoint_arguments
 from trainer.errors import UserError
 
 GRID_FORMATS = (".png",)
@@ -43,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Write samples of a checkpoint's generator: a PNG grid, an .npz of uint8 images, or a folder of PNGs.",
         epilog="example: python -m trainer.sample runs/dcgan_cifar10 --out samples.png --num 64 --seed 0",
     )
-    parser.add_argument("target", help="a run directory (its newest checkpoint) or a checkpoint directory")
+    add_checkpoint_arguments(parser)
     parser.add_argument(
         "--out", required=True, help="*.png (grid), *.npz (uint8 array), *.gif (with --interpolate) or a new folder"
     )
@@ -51,8 +52,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="latent seed (default 0)")
     parser.add_argument("--interpolate", type=int, metavar="STEPS", help="latent interpolations of STEPS images each")
     parser.add_argument("--nrow", type=int, default=8, help="images per grid row (default 8)")
-    parser.add_argument("--best", action="store_true", help="the run's best checkpoint (lowest FID)")
-    parser.add_argument("--raw", action="store_true", help="the raw generator even if the checkpoint has an EMA")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it is an existing file")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
