@@ -13,8 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer import _torchvision_compat  # noqa: F401  (must run before torch_fidelity imports torchvision)
-
 # isort: split
 from torch_fidelity import FeatureExtractorBase
 

@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, run_trainer, smoke_args
-from trainer.config import Config, load_config
-from trainer.errors import ConfigError
+from trainer.core.config import Config, load_config
+from trainer.util.errors import ConfigError
 
 
 def test_defaults_are_the_classic_recipe():

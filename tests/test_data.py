@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from tests.conftest import write_image_tree
-from trainer.config import DataConfig
-from trainer.data import (
+from trainer.core.config import DataConfig
+from trainer.core.data import (
     CIFAR10Images,
     FakeImages,
     ImageFiles,
@@ -15,7 +15,7 @@ from trainer.data import (
     pil_to_uint8,
     to_model_input,
 )
-from trainer.errors import DataError
+from trainer.util.errors import DataError
 
 
 def test_fake_images_are_deterministic_uint8():

@@ -16,9 +16,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.conftest import REPO, launch_command, read_metrics, run_trainer, smoke_args, trainer_env
-from trainer import metrics
-from trainer.ema import EMA_FILE
+from trainer.core.ema import EMA_FILE
 from trainer.evaluate import main as evaluate_main
+from trainer.quality import fid
 from trainer.sample import main as sample_main
 
 pytestmark = pytest.mark.slow
@@ -115,14 +115,14 @@ def test_missing_inception_weights_stop_evaluation_and_training_with_the_fix(tra
         "HTTPS_PROXY": "http://127.0.0.1:9",
         "https_proxy": "http://127.0.0.1:9",
     }
-    expected_file = tmp_path / "torch" / "hub" / "checkpoints" / metrics.INCEPTION_FILE
+    expected_file = tmp_path / "torch" / "hub" / "checkpoints" / fid.INCEPTION_FILE
     proc = run_module(
-        "trainer.evaluate", [str(trained), f"eval.feature_extractor={metrics.INCEPTION}"], env=env, check=False
+        "trainer.evaluate", [str(trained), f"eval.feature_extractor={fid.INCEPTION}"], env=env, check=False
     )
     assert proc.returncode == 2, proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("error: the InceptionV3 weights for FID/IS/KID are not here and cannot be downloaded")
-    assert f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{metrics.INCEPTION_FILE}" in line
+    assert f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{fid.INCEPTION_FILE}" in line
     assert f"put it at {expected_file}" in line and "eval.feature_extractor_weights=" in line
 
     # Training with evaluation on stops before it writes anything.
@@ -135,7 +135,7 @@ def test_missing_inception_weights_stop_evaluation_and_training_with_the_fix(tra
         text=True,
         timeout=300,
     )
-    assert proc.returncode == 2 and metrics.INCEPTION_FILE in proc.stderr and not run_dir.exists()
+    assert proc.returncode == 2 and fid.INCEPTION_FILE in proc.stderr and not run_dir.exists()
 
 
 def test_ema_weights_survive_resume(tmp_path):

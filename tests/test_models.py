@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.config import ModelConfig
-from trainer.models import Discriminator, Generator, build_models
+from trainer.core.config import ModelConfig
+from trainer.core.models import Discriminator, Generator, build_models
 
 
 def _convs(module, kind):

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from tests.conftest import REPO, run_trainer, write_image_tree
-from trainer.config import DataConfig
-from trainer.data import build_dataloader, build_packed, pil_to_uint8, to_model_input
-from trainer.packed import PackedImages
+from trainer.core.config import DataConfig
+from trainer.core.data import build_dataloader, build_packed, pil_to_uint8, to_model_input
+from trainer.core.packed import PackedImages
 
 
 def _cfg(root: Path, cache: Path) -> DataConfig:

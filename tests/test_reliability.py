@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, read_metrics, run_trainer, smoke_args, write_image_tree
-from trainer.checkpoint import MANIFEST, _sha256, verify
+from trainer.core.checkpoint import MANIFEST, _sha256, verify
 
 pytestmark = pytest.mark.slow
 FAULTS = REPO / "tests" / "faults" / "run_with_faults.py"

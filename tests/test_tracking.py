@@ -28,10 +28,10 @@ from omegaconf import OmegaConf
 from tests.conftest import REPO, SMOKE, launch_command, read_metrics, smoke_args, trainer_env
 from tests.test_training import _wait_for
 from tests.wandb_offline import offline_run_files, read_offline_run
-from trainer import tracking
-from trainer.checkpoint import TrainState
-from trainer.config import load_config
-from trainer.errors import ConfigError, TrackingError
+from trainer.core.checkpoint import TrainState
+from trainer.core.config import load_config
+from trainer.monitor import tracking
+from trainer.util.errors import ConfigError, TrackingError
 
 STEP_METRICS = ("loss_D", "loss_G", "D(x)", "D(G(z))_before", "D(G(z))_after", "grad_norm_D", "grad_norm_G")
 CONTROL = ("\x1b", "\r")  # ANSI escape sequences; carriage returns redraw progress bars

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tests.conftest import REPO, read_metrics, run_trainer, smoke_args, start_trainer
-from trainer.models import Generator
+from trainer.core.models import Generator
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@ Both run on the same data, on the same machine, in one invocation, each in its o
 peak memory is each one's own):
 
 - ours: the trainer's own pieces (packed data, on-device resize, channels_last, AMP, fused Adam
-  on CUDA, the GAN step of trainer/step.py), configured exactly as a training run would be;
+  on CUDA, the GAN step of trainer/core/step.py), configured exactly as a training run would be;
 - reference: the PyTorch DCGAN example written the classic way: PIL transforms in a DataLoader
   with 2 workers, fp32, eager, Sigmoid + BCELoss, D's gradients computed in the G step.
 
@@ -17,10 +17,6 @@ torch.utils.flop_counter) and the fraction of this GPU's measured bf16 matmul th
 """
 
 from __future__ import annotations
-
-from trainer import _torchvision_compat  # noqa: F401  (must precede torchvision: see that module)
-
-# isort: split
 
 import argparse
 import json
@@ -35,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import Config, load_config
+from trainer.core.config import Config, load_config
 
 # What --ablate turns off, one at a time: each must show its worth in the table.
 ABLATIONS = {
@@ -99,10 +95,10 @@ def _time_steps(step_fn, batches, device: torch.device, warmup: int, steps: int)
 
 
 def run_ours(cfg: Config, warmup: int, steps: int) -> Result:
-    from trainer.data import build_dataloader, load_dataset, to_model_input
+    from trainer.core.data import build_dataloader, load_dataset, to_model_input
+    from trainer.core.runtime import build_accelerator, check_against_hardware
+    from trainer.core.step import GANStep
     from trainer.loop import build_networks
-    from trainer.runtime import build_accelerator, check_against_hardware
-    from trainer.step import GANStep
 
     cfg.log.tracker = "none"
     accelerator = build_accelerator(cfg)
@@ -140,7 +136,7 @@ def _reference_dataset(cfg: Config):
         return dset.CIFAR10(root=cfg.data.root, download=cfg.data.download, transform=transform)
     if cfg.data.source == "folder":
         return dset.ImageFolder(root=cfg.data.root, transform=transform)
-    from trainer.data import FakeImages
+    from trainer.core.data import FakeImages
 
     fake = FakeImages(cfg.data.fake_size, cfg.model.resolution, cfg.run.seed)
     return [(transform(T.functional.to_pil_image(fake[i])), 0) for i in range(len(fake))]
@@ -151,7 +147,7 @@ def run_reference(cfg: Config, warmup: int, steps: int) -> Result:
     import torch.nn as nn
     import torch.optim as optim
 
-    from trainer.models import Discriminator, Generator, init_weights
+    from trainer.core.models import Discriminator, Generator, init_weights
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.run.seed)

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trainer.artifacts import add_checkpoint_arguments
-from trainer.errors import UserError
+from trainer.checkpoint_args import add_checkpoint_arguments
+from trainer.util.errors import UserError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     accelerator = None
     try:
-        from trainer.artifacts import checkpoint_config, find_checkpoint, load_generator, run_dir_of
+        from trainer.checkpoint_args import checkpoint_config, find_checkpoint, load_generator, run_dir_of
 
         checkpoint = find_checkpoint(args.target, args.best)
         cfg = checkpoint_config(checkpoint, args.overrides)
@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         if out.exists() and not args.overwrite:
             raise UserError(f"{out} exists; pass --overwrite to replace it, or --out <another file>.json")
 
-        from trainer.console import Console
-        from trainer.metrics import Evaluator
-        from trainer.runtime import build_accelerator
+        from trainer.core.runtime import build_accelerator
+        from trainer.monitor.console import Console
+        from trainer.quality.fid import Evaluator
 
         accelerator = build_accelerator(cfg)  # gloo on CPU, NCCL on GPUs, as in training
         console = Console(accelerator)

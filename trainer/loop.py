@@ -17,20 +17,20 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from trainer.checkpoint import Checkpointer, TrainState
-from trainer.config import Config, evaluation_enabled, to_dict, to_yaml
-from trainer.console import Console, format_duration
-from trainer.data import build_dataloader, load_dataset, to_model_input
-from trainer.ema import EMA_FILE, GeneratorEMA
-from trainer.errors import DivergenceError, RunError
-from trainer.health import NonFinite, NonFiniteWatch
-from trainer.metrics import Evaluator
-from trainer.models import build_models
-from trainer.runtime import build_accelerator, check_against_hardware
-from trainer.snapshots import export_weights, fixed_noise, save_generator_grid, save_real_grid
-from trainer.step import GANStep
-from trainer.stopping import StopRequest
-from trainer.tracking import Tracker, host_metrics
+from trainer.core.checkpoint import Checkpointer, TrainState
+from trainer.core.config import Config, evaluation_enabled, to_dict, to_yaml
+from trainer.core.data import build_dataloader, load_dataset, to_model_input
+from trainer.core.ema import EMA_FILE, GeneratorEMA
+from trainer.core.models import build_models
+from trainer.core.runtime import build_accelerator, check_against_hardware
+from trainer.core.step import GANStep
+from trainer.monitor.console import Console, format_duration
+from trainer.monitor.grids import export_weights, fixed_noise, save_generator_grid, save_real_grid
+from trainer.monitor.health import NonFinite, NonFiniteWatch
+from trainer.monitor.stopping import StopRequest
+from trainer.monitor.tracking import Tracker, host_metrics
+from trainer.quality.fid import Evaluator
+from trainer.util.errors import DivergenceError, RunError
 
 
 @dataclass

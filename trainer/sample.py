@@ -17,10 +17,6 @@ Sample i is drawn from latent i of the seed, the same latent vector as sample i 
 
 from __future__ import annotations
 
-from trainer import _torchvision_compat  # noqa: F401  (must precede torchvision: see that module)
-
-# isort: split
-
 import argparse
 import os
 import shutil
@@ -31,8 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.artifacts import add_checkpoint_arguments
-from trainer.errors import UserError
+from trainer.checkpoint_args import add_checkpoint_arguments
+from trainer.util.errors import UserError
 
 GRID_FORMATS = (".png",)
 INTERPOLATION_FORMATS = (".png", ".gif")
@@ -86,7 +82,7 @@ def _check_output(args: argparse.Namespace) -> tuple[Path, str]:
 @torch.no_grad()
 def generate(generator: torch.nn.Module, z: torch.Tensor, device: str, batch: int = 256) -> torch.Tensor:
     """uint8 images (N, 3, H, W) on the CPU."""
-    from trainer.metrics import to_uint8
+    from trainer.quality.fid import to_uint8
 
     generator = generator.to(device).eval()
     return torch.cat([to_uint8(generator(chunk.to(device))).cpu() for chunk in z.split(batch)])
@@ -152,8 +148,8 @@ def write_interpolations(frames: torch.Tensor, out: Path, kind: str, nrow: int) 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        from trainer.artifacts import checkpoint_config, find_checkpoint, load_generator
-        from trainer.metrics import latents
+        from trainer.checkpoint_args import checkpoint_config, find_checkpoint, load_generator
+        from trainer.quality.fid import latents
 
         out, kind = _check_output(args)
         checkpoint = find_checkpoint(args.target, args.best)

@@ -15,8 +15,8 @@ if __package__ in (None, ""):
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
     sys.path.insert(0, str(_here.parent))
 
-from trainer.config import parse_args  # noqa: E402
-from trainer.errors import RunError, UserError  # noqa: E402
+from trainer.core.config import parse_args  # noqa: E402
+from trainer.util.errors import RunError, UserError  # noqa: E402
 
 
 def _is_main_process() -> bool:

@@ -62,8 +62,8 @@ log "job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELI
 # stops here, before any node starts.
 run_dir=$(PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" python3 -c '
 import sys
-from trainer.config import parse_args
-from trainer.errors import UserError
+from trainer.core.config import parse_args
+from trainer.util.errors import UserError
 try:
     print(parse_args(sys.argv[1:]).run.dir)
 except UserError as exc:

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from trainer.config import load_config
-from trainer.data import build_dataloader
-from trainer.packed import PackedImages
-from trainer.runtime import build_accelerator
+from trainer.core.config import load_config
+from trainer.core.data import build_dataloader
+from trainer.core.packed import PackedImages
+from trainer.core.runtime import build_accelerator
 
 
 class Indices(Dataset):

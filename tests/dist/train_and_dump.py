@@ -10,7 +10,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from safetensors.torch import save_file
 
-from trainer.config import parse_args
+from trainer.core.config import parse_args
 from trainer.train import main
 
 _end_training = Accelerator.end_training

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO, launch_command, run_trainer, smoke_args, trainer_env
-from trainer.checkpoint import verify
+from trainer.core.checkpoint import verify
 
 ARGS = [
     "data.fake_size=512",

@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 
 import trainer.loop
-from trainer.step import GANStep
+from trainer.core.step import GANStep
 from trainer.train import main
 
 if "FAULT_SAVE_FAILS_AT_STEP" in os.environ:

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from trainer.config import ModelConfig
+from trainer.core.config import ModelConfig
 
 
 def _num_blocks(resolution: int) -> int:

@@ -31,10 +31,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, is_tensorboard_available, is_wandb_available
 
-from trainer.checkpoint import TrainState
-from trainer.config import Config, LogConfig, to_dict
-from trainer.console import Console
-from trainer.errors import ConfigError, TrackingError
+from trainer.core.checkpoint import TrainState
+from trainer.core.config import Config, LogConfig, to_dict
+from trainer.monitor.console import Console
+from trainer.util.errors import ConfigError, TrackingError
 
 # Dashboard section of every metric (W&B groups charts by the prefix before "/"); unknown names go to train/.
 SECTIONS = {

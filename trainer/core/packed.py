@@ -13,10 +13,6 @@ format version), so a changed dataset or resolution builds a new one; writes are
 
 from __future__ import annotations
 
-from trainer import _torchvision_compat  # noqa: F401  (must precede torchvision: see that module)
-
-# isort: split
-
 import hashlib
 import json
 import os

@@ -8,10 +8,6 @@ bytes of float batches cross the host-to-device copy.
 
 from __future__ import annotations
 
-from trainer import _torchvision_compat  # noqa: F401  (must precede torchvision: see that module)
-
-# isort: split
-
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -26,9 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
 
-from trainer.config import DataConfig, user_cache_dir
-from trainer.errors import DataError
-from trainer.packed import (
+from trainer.core.config import DataConfig, user_cache_dir
+from trainer.core.packed import (
     PackedImages,
     file_fingerprint,
     open_or_build,
@@ -37,6 +32,7 @@ from trainer.packed import (
     unreadable_reason,
     whole_batch,
 )
+from trainer.util.errors import DataError
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 

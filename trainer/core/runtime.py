@@ -9,9 +9,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, TorchDynamoPlugin
 
-from trainer.config import Config
-from trainer.errors import ConfigError
-from trainer.tracking import accelerator_kwargs
+from trainer.core.config import Config
+from trainer.monitor.tracking import accelerator_kwargs
+from trainer.util.errors import ConfigError
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
@@ -44,7 +44,7 @@ def build_accelerator(cfg: Config) -> Accelerator:
             # D runs on real and on fake batches before one backward; broadcasting BatchNorm
             # buffers between those forwards makes autograd fail ("modified by an inplace operation").
             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
-            **tracker_kwargs,  # log_with: W&B, TensorBoard or none (trainer/tracking.py)
+            **tracker_kwargs,  # log_with: W&B, TensorBoard or none (trainer/monitor/tracking.py)
         )
     except ValueError as exc:  # e.g. bf16 on a GPU without bf16 support
         raise ConfigError(

@@ -18,10 +18,6 @@
 
 from __future__ import annotations
 
-from trainer import _torchvision_compat  # noqa: F401  (must precede torchvision: see that module)
-
-# isort: split
-
 import hashlib
 import importlib
 import json
@@ -40,10 +36,10 @@ from accelerate.utils import broadcast_object_list
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from trainer.config import Config, user_cache_dir
-from trainer.data import CIFAR10Images, build_dataset, pil_to_uint8
-from trainer.errors import EvaluationError, UserError
-from trainer.models import Generator
+from trainer.core.config import Config, user_cache_dir
+from trainer.core.data import CIFAR10Images, build_dataset, pil_to_uint8
+from trainer.core.models import Generator
+from trainer.util.errors import EvaluationError, UserError
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # the name torch-fidelity downloads it under

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from trainer import _torchvision_compat  # noqa: F401  (must precede torchvision: see that module)
-
-# isort: split
-
 import json
 import os
 from pathlib import Path
@@ -15,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torchvision.utils import save_image
 
-from trainer.config import ModelConfig
+from trainer.core.config import ModelConfig
 
 
 def fixed_noise(count: int, nz: int, seed: int) -> torch.Tensor:

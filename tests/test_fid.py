@@ -14,13 +14,13 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from trainer import metrics
-from trainer.checkpoint import BEST, Checkpointer, TrainState
-from trainer.config import load_config
-from trainer.data import FakeImages
-from trainer.ema import GeneratorEMA
-from trainer.errors import ConfigError, EvaluationError
-from trainer.models import Generator
+from trainer.core.checkpoint import BEST, Checkpointer, TrainState
+from trainer.core.config import load_config
+from trainer.core.data import FakeImages
+from trainer.core.ema import GeneratorEMA
+from trainer.core.models import Generator
+from trainer.quality import fid
+from trainer.util.errors import ConfigError, EvaluationError
 
 STANDIN = "tests.standin_extractor:StandInExtractor"
 
@@ -32,7 +32,7 @@ def accelerator() -> Accelerator:
 
 @pytest.fixture(scope="module")
 def extractor() -> nn.Module:
-    return metrics.load_feature_extractor(STANDIN, None)[0]
+    return fid.load_feature_extractor(STANDIN, None)[0]
 
 
 def _images(count: int, resolution: int = 32) -> torch.Tensor:
@@ -42,15 +42,15 @@ def _images(count: int, resolution: int = 32) -> torch.Tensor:
 
 def test_fid_of_real_images_against_their_own_statistics_is_zero_and_grows_with_noise(extractor):
     real = _images(400)
-    layers = metrics.layers_for(STANDIN)
-    features = metrics.extract(extractor, real)
-    stats = metrics.fid_statistics(features[layers.fid])
-    reference = metrics.Reference(stats["mu"], stats["sigma"], features[layers.kid], Path("unused"))
+    layers = fid.layers_for(STANDIN)
+    features = fid.extract(extractor, real)
+    stats = fid.fid_statistics(features[layers.fid])
+    reference = fid.Reference(stats["mu"], stats["sigma"], features[layers.kid], Path("unused"))
     noise = torch.randn(real.shape, generator=torch.Generator().manual_seed(1))
     results = []
     for sigma in (0, 4, 8, 16, 32, 64):
         noisy = (real.float() + sigma * noise).round().clamp(0, 255).to(torch.uint8)
-        results.append(metrics.compute_metrics(reference, metrics.extract(extractor, noisy), layers, 20, 200))
+        results.append(fid.compute_metrics(reference, fid.extract(extractor, noisy), layers, 20, 200))
     fids = [r["fid"] for r in results]
     assert abs(fids[0]) < 1e-9, fids
     assert all(a < b for a, b in zip(fids, fids[1:], strict=False)), fids
@@ -62,17 +62,17 @@ def test_fid_of_real_images_against_their_own_statistics_is_zero_and_grows_with_
 
 def test_generated_images_are_quantized_like_real_ones():
     real = _images(8)
-    assert torch.equal(metrics.to_uint8(real.float() / 127.5 - 1.0), real)  # exact round trip
-    assert metrics.to_uint8(torch.tensor([-1.5, -1.0, 1.0, 2.0])).tolist() == [0, 0, 255, 255]
+    assert torch.equal(fid.to_uint8(real.float() / 127.5 - 1.0), real)  # exact round trip
+    assert fid.to_uint8(torch.tensor([-1.5, -1.0, 1.0, 2.0])).tolist() == [0, 0, 255, 255]
 
 
 def test_latents_depend_only_on_seed_and_index_and_batches_cover_every_sample_once():
-    all_ten = metrics.latents(3, range(10), 16)
-    assert torch.equal(metrics.latents(3, [7, 2], 16), all_ten[[7, 2]])
-    assert not torch.equal(metrics.latents(4, range(10), 16), all_ten)
-    one_process = metrics.rank_batches(1000, 64, 0, 1)
+    all_ten = fid.latents(3, range(10), 16)
+    assert torch.equal(fid.latents(3, [7, 2], 16), all_ten[[7, 2]])
+    assert not torch.equal(fid.latents(4, range(10), 16), all_ten)
+    one_process = fid.rank_batches(1000, 64, 0, 1)
     for world in (2, 3, 8):
-        shares = [metrics.rank_batches(1000, 64, r, world) for r in range(world)]
+        shares = [fid.rank_batches(1000, 64, r, world) for r in range(world)]
         batches = sorted((b for share in shares for b in share), key=lambda b: b.start)
         assert batches == one_process  # the same batches, whatever the number of processes
 
@@ -106,14 +106,14 @@ def test_reference_statistics_are_cached_and_reused_not_recomputed(tmp_path, acc
             reads.append(index)
             return super().__getitem__(index)
 
-    monkeypatch.setattr(metrics, "reference_dataset", lambda cfg: CountingImages(96, cfg.model.resolution, 0))
+    monkeypatch.setattr(fid, "reference_dataset", lambda cfg: CountingImages(96, cfg.model.resolution, 0))
     cfg = _eval_config(tmp_path)
     lines: list[str] = []
-    first = metrics.Evaluator(cfg, accelerator, lines.append).reference()
+    first = fid.Evaluator(cfg, accelerator, lines.append).reference()
     assert len(reads) == 96 and first.path.is_file() and "saved" in lines[-1]
     before = (first.path.stat().st_mtime_ns, first.path.read_bytes())
 
-    again = metrics.Evaluator(cfg, accelerator, lines.append).reference()  # a new evaluator: from disk
+    again = fid.Evaluator(cfg, accelerator, lines.append).reference()  # a new evaluator: from disk
     assert len(reads) == 96, "the cached statistics were recomputed"
     assert "loaded" in lines[-1] and again.path == first.path
     assert (first.path.stat().st_mtime_ns, first.path.read_bytes()) == before
@@ -122,13 +122,13 @@ def test_reference_statistics_are_cached_and_reused_not_recomputed(tmp_path, acc
     assert [p.name for p in first.path.parent.iterdir()] == [first.path.name]  # no temporary file left
 
     # Another resolution is another reference: computed once more, into its own file.
-    other = metrics.Evaluator(_eval_config(tmp_path, "model.resolution=16"), accelerator, lines.append).reference()
+    other = fid.Evaluator(_eval_config(tmp_path, "model.resolution=16"), accelerator, lines.append).reference()
     assert len(reads) == 192 and other.path != first.path and first.path.is_file()
 
 
 def test_evaluator_scores_a_generator_and_repeats_itself(tmp_path, accelerator):
     cfg = _eval_config(tmp_path)
-    evaluator = metrics.Evaluator(cfg, accelerator, lambda line: None)
+    evaluator = fid.Evaluator(cfg, accelerator, lambda line: None)
     generator = Generator(16, 8, 32)
     first = evaluator.evaluate(generator)
     second = evaluator.evaluate(generator)
@@ -140,18 +140,18 @@ def test_evaluator_scores_a_generator_and_repeats_itself(tmp_path, accelerator):
 def test_missing_weights_file_error_names_the_file_and_the_fix(tmp_path):
     missing = tmp_path / "nowhere" / "weights.pth"
     with pytest.raises(EvaluationError) as info:
-        metrics.load_feature_extractor(metrics.INCEPTION, str(missing))
+        fid.load_feature_extractor(fid.INCEPTION, str(missing))
     message = str(info.value)
     assert f"eval.feature_extractor_weights={str(missing)!r} is not a file" in message
-    assert "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + metrics.INCEPTION_FILE in message
-    assert str(Path(torch.hub.get_dir()) / "checkpoints" / metrics.INCEPTION_FILE) in message
+    assert "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + fid.INCEPTION_FILE in message
+    assert str(Path(torch.hub.get_dir()) / "checkpoints" / fid.INCEPTION_FILE) in message
 
 
 def test_unknown_feature_extractor_is_refused():
     with pytest.raises(EvaluationError, match="not a torch-fidelity extractor"):
-        metrics.layers_for("inception-v4")
+        fid.layers_for("inception-v4")
     with pytest.raises(EvaluationError, match="cannot be imported"):
-        metrics.layers_for("no_such_module:Extractor")
+        fid.layers_for("no_such_module:Extractor")
 
 
 @pytest.mark.parametrize(
@@ -179,11 +179,11 @@ def test_best_checkpoint_survives_rotation_until_a_better_one_comes(tmp_path, ac
     state = TrainState(global_batch=64)
     names = lambda: sorted(p.name for p in checkpointer.complete())  # noqa: E731
 
-    for step, fid in [(1, None), (2, 5.0), (3, 7.0), (4, float("nan")), (5, 6.0), (6, None)]:
+    for step, score in [(1, None), (2, 5.0), (3, 7.0), (4, float("nan")), (5, 6.0), (6, None)]:
         state.step = step
         checkpointer.save(state, cfg)
-        if fid is not None:
-            kept = checkpointer.keep_if_best(state, cfg, fid, {"weights": "raw"})
+        if score is not None:
+            kept = checkpointer.keep_if_best(state, cfg, score, {"weights": "raw"})
             assert kept == (step == 2)
     assert names() == ["step-00000002", "step-00000005", "step-00000006"]  # best kept beside the newest two
     assert checkpointer.best() == {"checkpoint": "step-00000002", "step": 2, "fid": 5.0, "weights": "raw"}

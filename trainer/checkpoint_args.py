@@ -12,11 +12,11 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from trainer.checkpoint import BEST, CHECKPOINT_RE, MANIFEST, verify
-from trainer.config import Config, load_config
-from trainer.ema import EMA_FILE, GENERATOR_FILE
-from trainer.errors import CheckpointError
-from trainer.models import Generator
+from trainer.core.checkpoint import BEST, CHECKPOINT_RE, MANIFEST, verify
+from trainer.core.config import Config, load_config
+from trainer.core.ema import EMA_FILE, GENERATOR_FILE
+from trainer.core.models import Generator
+from trainer.util.errors import CheckpointError
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from trainer.errors import ConfigError
+from trainer.util.errors import ConfigError
 
 
 @dataclass
@@ -77,7 +77,7 @@ class LogConfig:
     every_steps: int = 50
     sample_every_steps: int = 500
     sample_grid_size: int = 64  # images in each fixed-noise grid
-    tracker: Literal["wandb", "tensorboard", "none"] = "wandb"  # dashboards, from rank 0 (trainer/tracking.py)
+    tracker: Literal["wandb", "tensorboard", "none"] = "wandb"  # dashboards, from rank 0 (trainer/monitor/tracking.py)
     wandb_project: str = "dcgan-trainer"
     wandb_entity: str | None = None  # W&B user or team; default: the account's default entity
     wandb_tags: list[str] = field(default_factory=list)
@@ -87,7 +87,7 @@ class LogConfig:
 
 @dataclass
 class EvalConfig:
-    """FID / IS / KID during training and in `python -m trainer.evaluate` (trainer/metrics.py)."""
+    """FID / IS / KID during training and in `python -m trainer.evaluate` (trainer/quality/fid.py)."""
 
     every_epochs: int | None = 5  # evaluate every N epochs and at the end; null (with every_steps null): off
     every_steps: int | None = None  # or every N steps

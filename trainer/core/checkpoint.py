@@ -9,7 +9,7 @@ Layout of `<run.dir>/checkpoints/`:
         train_state.json      step, epoch, step in epoch, tracker run id, ...
         config.yaml           the resolved config of the run that wrote it
         manifest.json         size and sha256 of every file above; written last
-        [generator_ema.safetensors]   EMA of G when train.ema_decay is set (trainer/ema.py)
+        [generator_ema.safetensors]   EMA of G when train.ema_decay is set (trainer/core/ema.py)
     .tmp-step-00001500/       a save in progress, or one a crash interrupted: never loaded
     best.json                 the checkpoint with the best FID so far: rotation never removes it
 
@@ -39,8 +39,8 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from accelerate.utils import load as accelerate_load
 
-from trainer.config import Config, to_yaml
-from trainer.errors import CheckpointError, CheckpointWriteError
+from trainer.core.config import Config, to_yaml
+from trainer.util.errors import CheckpointError, CheckpointWriteError
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 MANIFEST = "manifest.json"

@@ -1,0 +1,1 @@
+"""The training core: config, data, models, the GAN step, checkpoints, the Accelerator."""

@@ -1,0 +1,1 @@
+"""Sample quality: FID / IS / KID and their feature extractors."""

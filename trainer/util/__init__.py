@@ -1,0 +1,1 @@
+"""Shared by every layer: errors, atomic writes, cross-rank decisions, import shims."""
