@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.conftest import REPO, launch_command, read_metrics, run_trainer, smoke_args, trainer_env
-from trainer.core.ema import EMA_FILE
+from trainer.core.checkpoint import EMA_FILE
 from trainer.evaluate import main as evaluate_main
 from trainer.quality import fid
 from trainer.sample import main as sample_main

@@ -16,7 +16,7 @@ from torch import nn
 
 from trainer.core.checkpoint import BEST, Checkpointer, TrainState
 from trainer.core.config import load_config
-from trainer.core.data import FakeImages
+from trainer.core.data import FakeImages, to_uint8
 from trainer.core.ema import GeneratorEMA
 from trainer.core.models import Generator
 from trainer.quality import fid
@@ -62,8 +62,8 @@ def test_fid_of_real_images_against_their_own_statistics_is_zero_and_grows_with_
 
 def test_generated_images_are_quantized_like_real_ones():
     real = _images(8)
-    assert torch.equal(fid.to_uint8(real.float() / 127.5 - 1.0), real)  # exact round trip
-    assert fid.to_uint8(torch.tensor([-1.5, -1.0, 1.0, 2.0])).tolist() == [0, 0, 255, 255]
+    assert torch.equal(to_uint8(real.float() / 127.5 - 1.0), real)  # exact round trip
+    assert to_uint8(torch.tensor([-1.5, -1.0, 1.0, 2.0])).tolist() == [0, 0, 255, 255]
 
 
 def test_latents_depend_only_on_seed_and_index_and_batches_cover_every_sample_once():

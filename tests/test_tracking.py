@@ -30,7 +30,7 @@ from tests.test_training import _wait_for
 from tests.wandb_offline import offline_run_files, read_offline_run
 from trainer.core.checkpoint import TrainState
 from trainer.core.config import load_config
-from trainer.monitor import tracking
+from trainer.monitor import measurements, tracking
 from trainer.util.errors import ConfigError, TrackingError
 
 STEP_METRICS = ("loss_D", "loss_G", "D(x)", "D(G(z))_before", "D(G(z))_after", "grad_norm_D", "grad_norm_G")
@@ -303,9 +303,9 @@ def test_host_metrics_report_learning_rates_loss_scale_and_skipped_steps():
     optimizers = {"G": torch.optim.Adam(params, lr=1e-3), "D": torch.optim.Adam(params, lr=4e-4)}
     state = TrainState(skipped_steps_d=3, skipped_steps_g=1)
     plain = SimpleNamespace(scaler=None, device=torch.device("cpu"))
-    assert tracking.host_metrics(plain, optimizers, state) == {"lr_G": 1e-3, "lr_D": 4e-4}
+    assert measurements.host_metrics(plain, optimizers, state) == {"lr_G": 1e-3, "lr_D": 4e-4}
     fp16 = SimpleNamespace(scaler=torch.amp.GradScaler("cpu", init_scale=1024.0), device=torch.device("cpu"))
-    assert tracking.host_metrics(fp16, optimizers, state) == {
+    assert measurements.host_metrics(fp16, optimizers, state) == {
         "lr_G": 1e-3,
         "lr_D": 4e-4,
         "loss_scale": 1024.0,
@@ -317,4 +317,4 @@ def test_host_metrics_report_learning_rates_loss_scale_and_skipped_steps():
 def test_tensorboard_without_its_package_is_a_config_error(monkeypatch):
     monkeypatch.setattr(tracking, "is_tensorboard_available", lambda: False)
     with pytest.raises(ConfigError, match="pip install tensorboard"):
-        tracking.accelerator_kwargs(load_config(None, ["log.tracker=tensorboard"]))
+        tracking.choose_tracker(load_config(None, ["log.tracker=tensorboard"]))

@@ -96,11 +96,10 @@ def _time_steps(step_fn, batches, device: torch.device, warmup: int, steps: int)
 
 def run_ours(cfg: Config, warmup: int, steps: int) -> Result:
     from trainer.core.data import build_dataloader, load_dataset, to_model_input
+    from trainer.core.models import build_networks
     from trainer.core.runtime import build_accelerator, check_against_hardware
     from trainer.core.step import GANStep
-    from trainer.loop import build_networks
 
-    cfg.log.tracker = "none"
     accelerator = build_accelerator(cfg)
     use_sync_bn = check_against_hardware(cfg, accelerator)
     dataset = load_dataset(cfg.data, cfg.model.resolution, cfg.run.seed, accelerator)

@@ -15,7 +15,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint_args import add_checkpoint_arguments
+from trainer.checkpoint_args import add_checkpoint_arguments, checkpoint_config
+from trainer.core.checkpoint import find_checkpoint, load_generator, run_dir_of
+from trainer.core.runtime import build_accelerator
+from trainer.monitor.console import Console
+from trainer.quality.fid import Evaluator
 from trainer.util.errors import UserError
 
 
@@ -54,11 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     accelerator = None
     try:
-        from trainer.checkpoint_args import checkpoint_config, find_checkpoint, load_generator, run_dir_of
-
         checkpoint = find_checkpoint(args.target, args.best)
         cfg = checkpoint_config(checkpoint, args.overrides)
-        generator, weights = load_generator(checkpoint, cfg, args.raw)
+        generator, weights = load_generator(checkpoint, cfg.model, args.raw)
         out = (
             Path(args.out)
             if args.out
@@ -68,10 +70,6 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--out {args.out} must end in .json (a Markdown table is written beside it)")
         if out.exists() and not args.overwrite:
             raise UserError(f"{out} exists; pass --overwrite to replace it, or --out <another file>.json")
-
-        from trainer.core.runtime import build_accelerator
-        from trainer.monitor.console import Console
-        from trainer.quality.fid import Evaluator
 
         accelerator = build_accelerator(cfg)  # gloo on CPU, NCCL on GPUs, as in training
         console = Console(accelerator)

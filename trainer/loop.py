@@ -1,75 +1,35 @@
 """The training loop: epochs and steps, and when to log, sample, checkpoint and stop.
 
-Reads top to bottom: build everything, resume, loop, finish. The GAN maths is in `step.py`;
-saving and loading in `checkpoint.py`; output files in `snapshots.py`.
+Reads top to bottom: build everything, resume, loop, finish. The GAN maths is in `core/step.py`;
+saving and loading in `core/checkpoint.py`; what watches the run in `monitor/`; FID in `quality/`.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from torch import nn
 
-from trainer.core.checkpoint import Checkpointer, TrainState
+from trainer.core.checkpoint import EMA_FILE, Checkpointer, TrainState, export_weights
 from trainer.core.config import Config, evaluation_enabled, to_dict, to_yaml
 from trainer.core.data import build_dataloader, load_dataset, to_model_input
-from trainer.core.ema import EMA_FILE, GeneratorEMA
-from trainer.core.models import build_models
+from trainer.core.ema import GeneratorEMA
+from trainer.core.models import build_networks
 from trainer.core.runtime import build_accelerator, check_against_hardware
 from trainer.core.step import GANStep
-from trainer.monitor.console import Console, format_duration
-from trainer.monitor.grids import export_weights, fixed_noise, save_generator_grid, save_real_grid
+from trainer.monitor.console import Console, RunSummary, format_duration
+from trainer.monitor.grids import fixed_noise, save_generator_grid, save_real_grid
 from trainer.monitor.health import NonFinite, NonFiniteWatch
+from trainer.monitor.measurements import MetricMeter, append_metrics, host_metrics
 from trainer.monitor.stopping import StopRequest
-from trainer.monitor.tracking import Tracker, host_metrics
+from trainer.monitor.tracking import Tracker, choose_tracker
 from trainer.quality.fid import Evaluator
+from trainer.util.atomic import write_text_atomic
 from trainer.util.errors import DivergenceError, RunError
-
-
-@dataclass
-class RunSummary:
-    run_dir: Path
-    step: int
-    total_steps: int
-    epoch: int
-    stopped_early: bool
-    stop_reason: str | None
-    wall_time_s: float
-    images_per_s: float
-    last_metrics: dict[str, float] = field(default_factory=dict)
-    checkpoint: Path | None = None
-
-
-class MetricMeter:
-    """Sums metric tensors on the device between log steps; `mean_across_ranks` is their only host sync."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
-
-    def add(self, metrics: dict[str, torch.Tensor]) -> None:
-        for name, value in metrics.items():
-            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
-        self.count += 1
-
-    def reset(self) -> None:
-        self.sums, self.count = {}, 0
-
-    def mean_across_ranks(self, accelerator: Accelerator) -> dict[str, float]:
-        if not self.count:
-            return {}
-        names = list(self.sums)
-        local = torch.stack([self.sums[n].float() for n in names]) / self.count
-        values = accelerator.reduce(local, reduction="mean").tolist()
-        self.reset()
-        return dict(zip(names, values, strict=True))
+from trainer.util.ranks import main_decides
 
 
 @contextmanager
@@ -85,40 +45,13 @@ def _stop_if_write_fails(what: str, path: Path, checkpointer: Checkpointer) -> I
         ) from None
 
 
-def append_metrics(path: Path, state: TrainState, metrics: dict[str, float], images_per_s: float | None) -> None:
-    """One JSON line per log step (and per evaluation): a local record of the run that needs no tracker."""
-    record = {"step": state.step, "epoch": state.epoch, "images_seen": state.images_seen}
-    if images_per_s is not None:
-        record["images_per_s"] = images_per_s
-    record.update(metrics)
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
-
-
-def build_networks(
-    cfg: Config, accelerator: Accelerator, use_sync_bn: bool
-) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer, torch.optim.Optimizer]:
-    """G and D and their Adam optimizers, ready for `accelerator.prepare` (shared with trainer.bench)."""
-    generator, discriminator = build_models(cfg.model, cfg.run.seed, use_sync_bn)
-    if cfg.train.channels_last:  # NHWC: the layout oneDNN and cuDNN convolutions run fastest in
-        generator.to(memory_format=torch.channels_last)
-        discriminator.to(memory_format=torch.channels_last)
-    fused = accelerator.device.type == "cuda" or None  # one kernel for the whole update on CUDA
-    adam = {"lr": cfg.train.lr, "betas": tuple(cfg.train.betas), "fused": fused}
-    return (
-        generator,
-        discriminator,
-        torch.optim.Adam(generator.parameters(), **adam),
-        torch.optim.Adam(discriminator.parameters(), **adam),
-    )
-
-
 def train(cfg: Config) -> RunSummary:
-    accelerator = build_accelerator(cfg)
+    tracking = choose_tracker(cfg)
+    accelerator = build_accelerator(cfg, tracking.accelerator_kwargs)
     use_sync_bn = check_against_hardware(cfg, accelerator)
     console = Console(accelerator)
     run_dir = Path(cfg.run.dir)
-    tracker = Tracker(cfg, accelerator, console)  # W&B online without credentials fails here, before any data
+    tracker = Tracker(cfg, tracking, accelerator, console)  # W&B online without credentials fails here, before any data
     console.config(to_dict(cfg), str(run_dir / "config.yaml"))
 
     checkpointer = Checkpointer(run_dir, accelerator, cfg.ckpt.keep)
@@ -126,7 +59,7 @@ def train(cfg: Config) -> RunSummary:
     evaluator = Evaluator(cfg, accelerator, console.print) if evaluation_enabled(cfg) else None  # so does this
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
 
     dataset = load_dataset(cfg.data, cfg.model.resolution, cfg.run.seed, accelerator)
     loader = build_dataloader(dataset, cfg.train.batch_size, cfg.data.num_workers)
@@ -204,7 +137,7 @@ def train(cfg: Config) -> RunSummary:
 
     def recover(problem: NonFinite) -> None:
         """Reload the newest checkpoint (train.on_nonfinite=rollback) or stop with DivergenceError."""
-        newest = checkpointer.newest()
+        newest = main_decides(accelerator, checkpointer.newest)  # one rollback target for every rank
         where = f"{problem.network} stopped producing finite values at step {problem.step}"
         if cfg.train.on_nonfinite == "rollback" and newest is not None and state.rollbacks < cfg.train.max_rollbacks:
             attempt = state.rollbacks + 1

@@ -18,7 +18,6 @@ Sample i is drawn from latent i of the seed, the same latent vector as sample i 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -27,7 +26,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.checkpoint_args import add_checkpoint_arguments
+from trainer.checkpoint_args import add_checkpoint_arguments, checkpoint_config
+from trainer.core.checkpoint import find_checkpoint, load_generator
+from trainer.core.data import to_uint8
+from trainer.quality.fid import latents
+from trainer.util.atomic import publish_dir, temporary_name, write_atomic
 from trainer.util.errors import UserError
 
 GRID_FORMATS = (".png",)
@@ -82,21 +85,8 @@ def _check_output(args: argparse.Namespace) -> tuple[Path, str]:
 @torch.no_grad()
 def generate(generator: torch.nn.Module, z: torch.Tensor, device: str, batch: int = 256) -> torch.Tensor:
     """uint8 images (N, 3, H, W) on the CPU."""
-    from trainer.quality.fid import to_uint8
-
     generator = generator.to(device).eval()
     return torch.cat([to_uint8(generator(chunk.to(device))).cpu() for chunk in z.split(batch)])
-
-
-def _replace_file(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half-written output."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _grid(images: torch.Tensor, nrow: int) -> Image.Image:
@@ -111,23 +101,23 @@ def _hwc(images: torch.Tensor) -> np.ndarray:
 
 def write_samples(images: torch.Tensor, out: Path, kind: str, nrow: int) -> None:
     if kind == "grid":
-        _replace_file(out, lambda tmp: _grid(images, nrow).save(tmp, format="PNG"))
+        write_atomic(out, lambda tmp: _grid(images, nrow).save(tmp, format="PNG"))
     elif kind == "npz":
 
         def write_npz(tmp: Path) -> None:
             with open(tmp, "wb") as fh:
                 np.savez(fh, _hwc(images))
 
-        _replace_file(out, write_npz)
+        write_atomic(out, write_npz)
     else:  # a folder, filled under a temporary name and renamed into place
-        tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
+        tmp = temporary_name(out)
         tmp.mkdir(parents=True)
         try:
             for i, image in enumerate(_hwc(images)):
                 Image.fromarray(image).save(tmp / f"{i:06d}.png")
             if out.exists():
                 out.rmdir()  # checked empty in _check_output
-            os.replace(tmp, out)
+            publish_dir(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -136,10 +126,10 @@ def write_interpolations(frames: torch.Tensor, out: Path, kind: str, nrow: int) 
     """`frames`: (pairs, steps, 3, H, W) uint8."""
     pairs, steps = frames.shape[:2]
     if kind == "grid":
-        _replace_file(out, lambda tmp: _grid(frames.flatten(0, 1), steps).save(tmp, format="PNG"))
+        write_atomic(out, lambda tmp: _grid(frames.flatten(0, 1), steps).save(tmp, format="PNG"))
     else:
         grids = [_grid(frames[:, k], nrow) for k in range(steps)]
-        _replace_file(
+        write_atomic(
             out,
             lambda tmp: grids[0].save(tmp, format="GIF", save_all=True, append_images=grids[1:], duration=100, loop=0),
         )
@@ -148,13 +138,10 @@ def write_interpolations(frames: torch.Tensor, out: Path, kind: str, nrow: int) 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        from trainer.checkpoint_args import checkpoint_config, find_checkpoint, load_generator
-        from trainer.quality.fid import latents
-
         out, kind = _check_output(args)
         checkpoint = find_checkpoint(args.target, args.best)
         cfg = checkpoint_config(checkpoint)
-        generator, weights = load_generator(checkpoint, cfg, args.raw)
+        generator, weights = load_generator(checkpoint, cfg.model, args.raw)
         nz = cfg.model.nz
         if args.interpolate is None:
             num = args.num or 64

@@ -5,6 +5,7 @@ Reads the config, runs the loop, turns user errors into one line and exit code 2
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -20,12 +21,8 @@ from trainer.util.errors import RunError, UserError  # noqa: E402
 
 
 def _is_main_process() -> bool:
-    from accelerate import PartialState
-
-    try:
-        return PartialState._shared_state == {} or PartialState().is_main_process
-    except Exception:
-        return True
+    """Errors can come before the Accelerator exists: the launcher's RANK says which process prints them."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def main(argv: list[str] | None = None) -> int:

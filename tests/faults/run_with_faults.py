@@ -51,8 +51,8 @@ if "FAULT_NAN_AT_STEP" in os.environ:
 if os.environ.get("FAULT_FP16_SCALER"):
     _build = trainer.loop.build_accelerator
 
-    def build_accelerator(cfg):
-        accelerator = _build(cfg)
+    def build_accelerator(cfg, tracker_kwargs=None):
+        accelerator = _build(cfg, tracker_kwargs)
         # What Accelerate builds for fp16 on a GPU; before prepare(), so the optimizers use it.
         accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**126, growth_interval=1_000_000)
         return accelerator

@@ -13,6 +13,10 @@ Layout of `<run.dir>/checkpoints/`:
     .tmp-step-00001500/       a save in progress, or one a crash interrupted: never loaded
     best.json                 the checkpoint with the best FID so far: rotation never removes it
 
+Beside `checkpoints/`, the end of a run exports `generator.safetensors` (and `generator_ema.safetensors`,
+`discriminator.safetensors`): plain weights with the model settings in their metadata. This module
+owns every name above; the tools (evaluate, sample) find checkpoints and generators through it.
+
 A save writes into the temporary directory, fsyncs every file, writes the manifest, then renames
 the directory: a crash at any point leaves either no `step-*` directory or a complete one.
 
@@ -36,16 +40,23 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
 from accelerate.utils import load as accelerate_load
+from safetensors.torch import load_file, save_file
+from torch import nn
 
-from trainer.core.config import Config, to_yaml
+from trainer.core.config import Config, ModelConfig, to_yaml
+from trainer.core.models import Generator
+from trainer.util.atomic import publish_dir, write_atomic, write_text_atomic
 from trainer.util.errors import CheckpointError, CheckpointWriteError
+from trainer.util.ranks import main_decides
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 MANIFEST = "manifest.json"
 TRAIN_STATE = "train_state.json"
 BEST = "best.json"
+CONFIG = "config.yaml"
+GENERATOR_FILE = "model.safetensors"  # Accelerate's name for the first prepared model: G (see loop.py)
+EMA_FILE = "generator_ema.safetensors"  # written by trainer.core.ema's save hook
 FORMAT_VERSION = 1
 
 
@@ -77,19 +88,6 @@ class TrainState:
     def from_json(cls, data: dict[str, Any]) -> TrainState:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256(path: Path) -> str:
@@ -130,6 +128,26 @@ def _free_name(path: Path, tag: str) -> Path:
     return candidate
 
 
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """Complete-looking checkpoints in a `checkpoints/` directory (renamed into place), oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def read_best(directory: Path) -> dict[str, Any] | None:
+    """The best checkpoint's record ({"checkpoint": "step-...", "step": ..., "fid": ...}) in `directory`, if any.
+
+    A record without a finite FID (written by an older version) counts as none.
+    """
+    try:
+        record = json.loads((directory / BEST).read_text())
+        return record if math.isfinite(float(record["fid"])) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class Checkpointer:
     def __init__(self, run_dir: Path, accelerator: Accelerator, keep: int) -> None:
         self.dir = Path(run_dir) / "checkpoints"
@@ -139,10 +157,7 @@ class Checkpointer:
 
     def complete(self) -> list[Path]:
         """Complete-looking checkpoints (renamed into place), oldest first."""
-        if not self.dir.is_dir():
-            return []
-        found = [(int(m.group(1)), p) for p in self.dir.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
-        return [p for _, p in sorted(found)]
+        return complete_checkpoints(self.dir)
 
     def newest(self) -> Path | None:
         found = self.complete()
@@ -188,23 +203,19 @@ class Checkpointer:
     def _finish(self, tmp: Path, final: Path, state: TrainState, cfg: Config) -> None:
         """Main process: train state, config, fsync, manifest last, then the atomic rename."""
         (tmp / TRAIN_STATE).write_text(json.dumps(state.to_json(), indent=2))
-        (tmp / "config.yaml").write_text(to_yaml(cfg))
-        files = {}
-        for file in sorted(p for p in tmp.iterdir() if p.is_file()):
-            _fsync_file(file)
-            files[file.name] = {"size": file.stat().st_size, "sha256": _sha256(file)}
-        manifest = tmp / MANIFEST
-        manifest.write_text(
+        (tmp / CONFIG).write_text(to_yaml(cfg))
+        files = {
+            file.name: {"size": file.stat().st_size, "sha256": _sha256(file)}
+            for file in sorted(p for p in tmp.iterdir() if p.is_file())
+        }
+        (tmp / MANIFEST).write_text(
             json.dumps({"format_version": FORMAT_VERSION, "step": state.step, "files": files}, indent=2)
         )
-        _fsync_file(manifest)
-        _fsync_dir(tmp)
-        if final.exists():  # cannot happen through `find_resume_point`; never overwrite one
-            aside = _free_name(final, "superseded")
-            warnings.warn(f"{final} already exists; it is kept as {aside}", stacklevel=2)
-            os.replace(final, aside)
-        os.replace(tmp, final)
-        _fsync_dir(self.dir)
+        if final.exists():
+            # Unreachable with one writer per run directory (the run lock) and the resume rules;
+            # never overwrite a complete checkpoint, never keep an unbounded pile of copies.
+            raise OSError(f"{final} already exists")
+        publish_dir(tmp, final)
         self._rotate()
 
     def _rotate(self) -> None:
@@ -216,29 +227,19 @@ class Checkpointer:
     # ---- best checkpoint (lowest FID) -------------------------------------------------------
     def best(self) -> dict[str, Any] | None:
         """The best checkpoint's record ({"checkpoint": "step-...", "step": ..., "fid": ...}), if any."""
-        try:
-            return json.loads((self.dir / BEST).read_text())
-        except (OSError, ValueError):
-            return None
+        return read_best(self.dir)
 
     def keep_if_best(self, state: TrainState, cfg: Config, fid: float, details: dict[str, Any]) -> bool:
         """Collective. If `fid` beats the best so far: checkpoint this step (if not saved already),
         record it in best.json (atomically) and let the previous best go. Returns whether it did."""
         acc = self.accelerator
-        decision = [False]
-        if acc.is_main_process:
-            best = self.best()
-            decision[0] = math.isfinite(fid) and (best is None or fid < best["fid"])
-        broadcast_object_list(decision)
-        if not decision[0]:
+        best = main_decides(acc, self.best)
+        if not (math.isfinite(fid) and (best is None or fid < best["fid"])):
             return False
         path = self.save(state, cfg)
         if acc.is_main_process:
-            tmp = self.dir / f".tmp-{BEST}"
-            tmp.write_text(json.dumps({"checkpoint": path.name, "step": state.step, "fid": fid, **details}, indent=2))
-            _fsync_file(tmp)
-            os.replace(tmp, self.dir / BEST)
-            _fsync_dir(self.dir)
+            record = {"checkpoint": path.name, "step": state.step, "fid": fid, **details}
+            write_text_atomic(self.dir / BEST, json.dumps(record, indent=2))
             self._rotate()
         acc.wait_for_everyone()
         return True
@@ -250,19 +251,16 @@ class Checkpointer:
         Refuses (CheckpointError) before anything is written: an incompatible or incomplete
         checkpoint, `never` over existing checkpoints, or forking a run in place.
         """
-        choice: list[Any] = [None]
-        if self.accelerator.is_main_process:
-            try:
-                choice[0] = self._choose(resume)
-                if choice[0] is not None:
-                    _check_compatible(Path(choice[0]), cfg)
-                    _check_no_code_in_pickles(Path(choice[0]))
-            except CheckpointError as exc:
-                choice[0] = exc
-        broadcast_object_list(choice)
-        if isinstance(choice[0], CheckpointError):
-            raise choice[0]
-        return Path(choice[0]) if choice[0] else None
+
+        def decide() -> str | None:
+            choice = self._choose(resume)
+            if choice is not None:
+                _check_compatible(Path(choice), cfg)
+                _check_no_code_in_pickles(Path(choice))
+            return choice
+
+        choice = main_decides(self.accelerator, decide)
+        return Path(choice) if choice else None
 
     def _choose(self, resume: str) -> str | None:
         if resume == "never":
@@ -368,3 +366,55 @@ def _check_compatible(path: Path, cfg: Config) -> None:
             f"{path} was trained with train.batch_size={state.global_batch} but this run has {cfg.train.batch_size}; "
             "resuming mid-epoch needs the same global batch (set it back, or start a new run.dir)"
         )
+
+
+# ---- what the tools read: a run's checkpoints and generators ---------------------------------------
+def run_dir_of(checkpoint: Path) -> Path:
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def find_checkpoint(target: str, best: bool = False) -> Path:
+    """`target` itself if it is a checkpoint; in a run directory its newest intact checkpoint, or with
+    `best` the one with the lowest FID. Raises CheckpointError. Reads only: never renames or writes."""
+    path = Path(target)
+    usage = "give a run directory (runs/<name>) or a checkpoint (runs/<name>/checkpoints/step-XXXXXXXX)"
+    directory = path / "checkpoints"
+    if (path / MANIFEST).is_file():
+        if best:
+            raise CheckpointError(f"--best needs a run directory, and {target} is a checkpoint; drop --best")
+        checkpoint = path
+    elif directory.is_dir() and best:
+        record = read_best(directory)
+        if record is None:
+            raise CheckpointError(
+                f"{directory} has no best checkpoint record ({BEST}): the run evaluated nothing "
+                "(eval.every_epochs / eval.every_steps); drop --best"
+            )
+        checkpoint = directory / record["checkpoint"]
+    elif directory.is_dir():
+        intact = [p for p in complete_checkpoints(directory) if verify(p) is None]
+        if not intact:
+            raise CheckpointError(f"{directory} holds no complete checkpoint; {usage}")
+        checkpoint = intact[-1]
+    else:
+        raise CheckpointError(f"{target} is neither a run directory nor a checkpoint; {usage}")
+    problem = verify(checkpoint)
+    if problem:
+        raise CheckpointError(f"checkpoint {checkpoint} is damaged ({problem}); pick another one")
+    return checkpoint
+
+
+def load_generator(checkpoint: Path, model: ModelConfig, raw: bool = False) -> tuple[Generator, str]:
+    """(generator in eval mode on the CPU, "ema" or "raw"): the EMA weights if the checkpoint has them
+    and `raw` is not asked for."""
+    use_ema = not raw and (checkpoint / EMA_FILE).is_file()
+    generator = Generator(model.nz, model.ngf, model.resolution)
+    generator.load_state_dict(load_file(str(checkpoint / (EMA_FILE if use_ema else GENERATOR_FILE))))
+    return generator.eval().requires_grad_(False), "ema" if use_ema else "raw"
+
+
+def export_weights(module: nn.Module, path: Path, model_cfg: ModelConfig, step: int) -> None:
+    """A safetensors file that needs no trainer to read; the model settings ride in its metadata."""
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    metadata = {"model": json.dumps(vars(model_cfg)), "step": str(step), "format": "pt"}
+    write_atomic(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))

@@ -224,6 +224,13 @@ def validate(cfg: Config) -> None:
         len(cfg.train.betas) == 2 and all(0.0 <= b < 1.0 for b in cfg.train.betas),
         f"train.betas={list(cfg.train.betas)} must be two numbers in [0, 1), e.g. train.betas=[0.5,0.999]",
     )
+    decay = cfg.train.ema_decay
+    _require(
+        decay is None or 0.0 <= decay < 1.0,
+        f"train.ema_decay={decay} must be in [0, 1), e.g. 0.999, or null (0 and null: no EMA)",
+    )
+    if decay == 0.0:
+        cfg.train.ema_decay = None
     _require(
         bool(cfg.run.name) and "/" not in cfg.run.name,
         f"run.name={cfg.run.name!r} must be a non-empty name without '/'",
@@ -239,13 +246,6 @@ def validate(cfg: Config) -> None:
 
 
 def _validate_eval(cfg: Config) -> None:
-    decay = cfg.train.ema_decay
-    _require(
-        decay is None or 0.0 <= decay < 1.0,
-        f"train.ema_decay={decay} must be in [0, 1), e.g. 0.999, or null (0 and null: no EMA)",
-    )
-    if decay == 0.0:
-        cfg.train.ema_decay = None
     ev = cfg.eval
     for key in ("every_epochs", "every_steps", "num_real"):
         value = getattr(ev, key)

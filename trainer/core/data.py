@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
@@ -33,6 +32,7 @@ from trainer.core.packed import (
     whole_batch,
 )
 from trainer.util.errors import DataError
+from trainer.util.ranks import main_decides
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
@@ -165,9 +165,7 @@ def build_packed(cfg: DataConfig, resolution: int) -> PackedImages:
     if cfg.source == "folder":
         listing = ImageFiles(cfg.root, transform=None)
         key = {"source": "folder", "files": file_fingerprint(listing.root, listing.files), "resolution": resolution}
-        packed = open_or_build(cache_dir, key, lambda out: pack_files(listing.files, resolution, out))
-        packed.listing = listing
-        return packed
+        return open_or_build(cache_dir, key, lambda out: pack_files(listing.files, resolution, out), listing)
     cifar = CIFAR10Images(cfg.root, cfg.download, transform=None).dataset
     batches = Path(cifar.root) / cifar.base_folder
     files = sorted(batches / name for name, _ in cifar.train_list)
@@ -175,7 +173,7 @@ def build_packed(cfg: DataConfig, resolution: int) -> PackedImages:
     return open_or_build(cache_dir, key, lambda out: pack_array(cifar.data, resolution, out))
 
 
-def find_unreadable(files: list[Path], workers: int | None = None) -> list[tuple[str, str]]:
+def find_unreadable(files: list[Path]) -> list[tuple[str, str]]:
     """(path, reason) of every file PIL cannot fully decode: zero-byte, truncated, not an image.
 
     A full decode, because a truncated JPEG passes `Image.verify()`; PIL releases the GIL while
@@ -190,7 +188,7 @@ def find_unreadable(files: list[Path], workers: int | None = None) -> list[tuple
         except Exception as exc:  # PIL raises many types: UnidentifiedImageError, OSError, SyntaxError...
             return str(path), unreadable_reason(path, exc)
 
-    with ThreadPoolExecutor(workers or min(32, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
         return [found for found in pool.map(check, files) if found is not None]
 
 
@@ -205,18 +203,16 @@ def load_dataset(cfg: DataConfig, resolution: int, seed: int, accelerator: Accel
     if cfg.packed:
         with accelerator.local_main_process_first():  # a download or a build happens once per node
             dataset = build_packed(cfg, resolution)
-        listing = getattr(dataset, "listing", None)
-        if listing is not None and accelerator.is_main_process:
-            listing.warn_ignored()
+        if dataset.listing is not None and accelerator.is_main_process:
+            dataset.listing.warn_ignored()
         total = len(dataset) + len(dataset.unreadable)
         report_unreadable(dataset.unreadable, total, Path(cfg.root), cfg.bad_files, accelerator.is_main_process)
         return dataset
     with accelerator.main_process_first():  # a CIFAR-10 download happens once, on the main process
         dataset = build_dataset(cfg, resolution, seed)
     if isinstance(dataset, ImageFiles):
-        found: list = [find_unreadable(dataset.files) if accelerator.is_main_process else None]
-        broadcast_object_list(found)
-        dataset.drop_unreadable(found[0], cfg.bad_files, warn=accelerator.is_main_process)
+        unreadable = main_decides(accelerator, lambda: find_unreadable(dataset.files))
+        dataset.drop_unreadable(unreadable, cfg.bad_files, warn=accelerator.is_main_process)
     return dataset
 
 
@@ -258,3 +254,11 @@ def to_model_input(batch: torch.Tensor, resolution: int | None = None, channels_
         ).clamp_(0, 255)
     images = images.div_(127.5).sub_(1.0)
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Generated float [-1, 1] -> uint8 [0, 255], quantized like real data (the inverse of the loader's scaling).
+
+    Rounds half up, as torchvision's `save_image` does, so a saved PNG holds exactly these values.
+    """
+    return images.float().add(1.0).mul_(127.5).add_(0.5).clamp_(0, 255).to(torch.uint8)

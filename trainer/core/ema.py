@@ -26,8 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-EMA_FILE = "generator_ema.safetensors"
-GENERATOR_FILE = "model.safetensors"  # Accelerate's name for the first prepared model: G (see loop.py)
+from trainer.core.checkpoint import EMA_FILE, GENERATOR_FILE
 
 
 class GeneratorEMA:

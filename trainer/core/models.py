@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 
 import torch
+from accelerate import Accelerator
 from torch import nn
 
-from trainer.core.config import ModelConfig
+from trainer.core.config import Config, ModelConfig
 
 
 def _num_blocks(resolution: int) -> int:
@@ -84,3 +85,21 @@ def build_models(cfg: ModelConfig, seed: int, sync_bn: bool) -> tuple[Generator,
         generator = nn.SyncBatchNorm.convert_sync_batchnorm(generator)
         discriminator = nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
     return generator, discriminator
+
+
+def build_networks(
+    cfg: Config, accelerator: Accelerator, use_sync_bn: bool
+) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer, torch.optim.Optimizer]:
+    """G and D and their Adam optimizers, ready for `accelerator.prepare` (shared with trainer.bench)."""
+    generator, discriminator = build_models(cfg.model, cfg.run.seed, use_sync_bn)
+    if cfg.train.channels_last:  # NHWC: the layout oneDNN and cuDNN convolutions run fastest in
+        generator.to(memory_format=torch.channels_last)
+        discriminator.to(memory_format=torch.channels_last)
+    fused = accelerator.device.type == "cuda" or None  # one kernel for the whole update on CUDA
+    adam = {"lr": cfg.train.lr, "betas": tuple(cfg.train.betas), "fused": fused}
+    return (
+        generator,
+        discriminator,
+        torch.optim.Adam(generator.parameters(), **adam),
+        torch.optim.Adam(discriminator.parameters(), **adam),
+    )

@@ -8,7 +8,8 @@ fancy-index into the memory map (no per-sample collate), it travels to the devic
 `data.to_model_input` resizes and normalises it there.
 
 The file is keyed by what it was made from (source, file list with sizes and mtimes, resolution,
-format version), so a changed dataset or resolution builds a new one; writes are atomic.
+format version), so a changed dataset or resolution builds a new one; publication is atomic and
+never replaces a file (see `open_or_build`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+from trainer.util.atomic import write_atomic
+
 FORMAT_VERSION = 1
 
 
@@ -38,11 +41,10 @@ def whole_batch(batch: torch.Tensor) -> torch.Tensor:
 class PackedImages(Dataset):
     """(N, 3, S, S) uint8 images in a memory-mapped .npy file, indexed a batch at a time."""
 
-    collate_fn = staticmethod(whole_batch)
-
-    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+    def __init__(self, path: Path, meta: dict[str, Any], listing: Any = None) -> None:
         self.path = path
         self.meta = meta
+        self.listing = listing  # the ImageFiles it was packed from (folder sources), for warnings and tests
         self.images = np.load(path, mmap_mode="r")
         self.unreadable: list[tuple[str, str]] = [tuple(x) for x in meta.get("unreadable", [])]
 
@@ -60,28 +62,28 @@ def _cache_paths(cache_dir: Path, key: str) -> tuple[Path, Path]:
     return cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
 
 
-def open_or_build(cache_dir: Path, key_parts: dict[str, Any], build: Callable[[Path], dict[str, Any]]) -> PackedImages:
-    """The packed file for `key_parts`, built by `build(tmp_npy_path) -> meta` if missing."""
+def open_or_build(
+    cache_dir: Path, key_parts: dict[str, Any], build: Callable[[Path], dict[str, Any]], listing: Any = None
+) -> PackedImages:
+    """The packed file for `key_parts`, built by `build(tmp_npy_path) -> meta` if missing.
+
+    Publication never replaces a file, since another process (on another node, over a shared
+    filesystem) may have it memory-mapped: the .npy is linked into place, then its .json, which marks
+    the pack complete. A builder that finds either already published keeps the published one: the
+    name is a hash of everything the content depends on, so both builds are the same bytes.
+    """
     key = hashlib.sha256(json.dumps({"v": FORMAT_VERSION, **key_parts}, sort_keys=True).encode()).hexdigest()[:20]
     npy, meta_path = _cache_paths(cache_dir, key)
-    if npy.is_file() and meta_path.is_file():
-        return PackedImages(npy, json.loads(meta_path.read_text()))
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = npy.with_name(f".tmp-{os.getpid()}-{npy.name}")
-    try:
-        meta = {"format_version": FORMAT_VERSION, "key": key_parts, **build(tmp)}
-        os.replace(tmp, npy)  # two builders (one per node) may race: both files are identical
-        tmp_meta = meta_path.with_name(f".tmp-{os.getpid()}-{meta_path.name}")
-        tmp_meta.write_text(json.dumps(meta))
-        os.replace(tmp_meta, meta_path)  # the meta file last: it marks the cache valid
-    finally:
-        tmp.unlink(missing_ok=True)
-    return PackedImages(npy, meta)
+    if not (npy.is_file() and meta_path.is_file()):
+        meta: dict[str, Any] = {"format_version": FORMAT_VERSION, "key": key_parts}
+        write_atomic(npy, lambda tmp: meta.update(build(tmp)), exclusive=True)
+        write_atomic(meta_path, lambda tmp: tmp.write_text(json.dumps(meta)), exclusive=True)
+    return PackedImages(npy, json.loads(meta_path.read_text()), listing)
 
 
-def pack_files(files: Sequence[Path], resolution: int, out: Path, workers: int | None = None) -> dict[str, Any]:
+def pack_files(files: Sequence[Path], resolution: int, out: Path) -> dict[str, Any]:
     """Decode image files into `out`; unreadable ones are left out and listed in the meta."""
-    workers = workers or min(32, os.cpu_count() or 1)
+    workers = min(32, os.cpu_count() or 1)  # PIL decodes without the GIL: threads scale
 
     def header(path: Path) -> tuple[int, int] | str:
         try:
@@ -121,9 +123,7 @@ def pack_files(files: Sequence[Path], resolution: int, out: Path, workers: int |
         del array
         array = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=good.shape)
         array[:] = good
-    array.flush()
-    with open(out, "rb") as fh:
-        os.fsync(fh.fileno())
+    array.flush()  # write_atomic fsyncs the file before publishing it
     return {"count": int(array.shape[0]), "side": side, "unreadable": unreadable}
 
 

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, TorchDynamoPlugin
 
 from trainer.core.config import Config
-from trainer.monitor.tracking import accelerator_kwargs
 from trainer.util.errors import ConfigError
 
 
-def build_accelerator(cfg: Config) -> Accelerator:
+def build_accelerator(cfg: Config, tracker_kwargs: Mapping[str, Any] | None = None) -> Accelerator:
+    """The run's Accelerator; `tracker_kwargs` (log_with, ...) from `trainer.monitor.tracking.choose_tracker`."""
     # train.mixed_precision is the one setting: it overrides `accelerate launch --mixed_precision`
     # (Accelerate gives the constructor argument precedence over its launcher's environment).
     # torch >= 2.13 deprecates DDP's broadcast_buffers, which Accelerate always passes; its
@@ -24,7 +26,6 @@ def build_accelerator(cfg: Config) -> Accelerator:
     # Accelerate 1.x picks gloo (MULTI_CPU) for a multi-process launch only when told it is on the
     # CPU; otherwise each process would run alone. GPU runs are unaffected.
     multi_process_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    tracker_kwargs = accelerator_kwargs(cfg)
     try:
         return Accelerator(
             cpu=multi_process_cpu,
@@ -44,7 +45,7 @@ def build_accelerator(cfg: Config) -> Accelerator:
             # D runs on real and on fake batches before one backward; broadcasting BatchNorm
             # buffers between those forwards makes autograd fail ("modified by an inplace operation").
             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
-            **tracker_kwargs,  # log_with: W&B, TensorBoard or none (trainer/monitor/tracking.py)
+            **(tracker_kwargs or {}),
         )
     except ValueError as exc:  # e.g. bf16 on a GPU without bf16 support
         raise ConfigError(

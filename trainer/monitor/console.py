@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from accelerate import Accelerator
 from rich import box
@@ -19,10 +21,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-if TYPE_CHECKING:
-    from trainer.loop import RunSummary
-
 PLAIN_WIDTH = 160  # without a terminal: wide enough that table rows with paths stay on one line
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    step: int
+    total_steps: int
+    epoch: int
+    stopped_early: bool
+    stop_reason: str | None
+    wall_time_s: float
+    images_per_s: float
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    checkpoint: Path | None = None
 
 
 class Console:

@@ -23,18 +23,19 @@ import netrc
 import os
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, is_tensorboard_available, is_wandb_available
+from accelerate.utils import ProjectConfiguration, is_tensorboard_available, is_wandb_available
 
 from trainer.core.checkpoint import TrainState
 from trainer.core.config import Config, LogConfig, to_dict
 from trainer.monitor.console import Console
 from trainer.util.errors import ConfigError, TrackingError
+from trainer.util.ranks import main_decides
 
 # Dashboard section of every metric (W&B groups charts by the prefix before "/"); unknown names go to train/.
 SECTIONS = {
@@ -107,8 +108,21 @@ def resolve_wandb_mode(log: LogConfig, environ: Mapping[str, str] = os.environ) 
     return mode, source
 
 
-def accelerator_kwargs(cfg: Config) -> dict[str, Any]:
-    """`log_with` and the logging directory for the Accelerator of this run."""
+@dataclass(frozen=True)
+class TrackerChoice:
+    """Which tracker a run uses, why, and what the Accelerator needs for it: decided once, by `choose_tracker`."""
+
+    kind: str  # wandb | tensorboard | none
+    reason: str
+    accelerator_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def choose_tracker(cfg: Config, environ: Mapping[str, str] = os.environ) -> TrackerChoice:
+    """The tracker of a training run. Raises ConfigError when the chosen one is not installed.
+
+    Only training chooses one: evaluation and the benchmark build their Accelerator without it, so
+    evaluating a run that was trained with TensorBoard does not need TensorBoard.
+    """
     tracker = cfg.log.tracker
     if tracker == "tensorboard" and not is_tensorboard_available():
         raise ConfigError(
@@ -117,14 +131,16 @@ def accelerator_kwargs(cfg: Config) -> dict[str, Any]:
         )
     if tracker == "wandb" and not is_wandb_available():
         raise ConfigError("log.tracker=wandb needs the wandb package: pip install wandb (or use log.tracker=none)")
-    env_mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    env_mode = environ.get("WANDB_MODE", "").strip().lower()
     if tracker == "wandb" and cfg.log.wandb_mode == "auto" and env_mode == "disabled":
-        tracker = "none"  # wandb's own off switch; Accelerate would otherwise start a no-op run
+        # wandb's own off switch; Accelerate would otherwise start a no-op run
+        return TrackerChoice("none", "WANDB_MODE=disabled")
     if tracker == "none":
-        return {}
+        return TrackerChoice("none", "log.tracker=none")
     if tracker == "tensorboard":  # writes to <logging_dir>/<project name>: <run.dir>/tensorboard
-        return {"log_with": tracker, "project_config": ProjectConfiguration(logging_dir=cfg.run.dir)}
-    return {"log_with": tracker}
+        kwargs = {"log_with": tracker, "project_config": ProjectConfiguration(logging_dir=cfg.run.dir)}
+        return TrackerChoice("tensorboard", "log.tracker=tensorboard", kwargs)
+    return TrackerChoice("wandb", "log.tracker=wandb", {"log_with": tracker})
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -138,57 +154,20 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def host_metrics(
-    accelerator: Accelerator, optimizers: Mapping[str, torch.optim.Optimizer], state: TrainState
-) -> dict[str, float]:
-    """Metrics the host already knows (no device work): learning rates, fp16 scaler, CUDA memory.
-
-    Called at log steps only: reading the loss scale is a host sync.
-    """
-    values: dict[str, float] = {f"lr_{name}": float(opt.param_groups[0]["lr"]) for name, opt in optimizers.items()}
-    if accelerator.scaler is not None:  # fp16: the loss scale falls when gradients overflow, steps are skipped
-        values["loss_scale"] = float(accelerator.scaler.get_scale())
-        values["skipped_steps_D"] = float(state.skipped_steps_d)
-        values["skipped_steps_G"] = float(state.skipped_steps_g)
-    if accelerator.device.type == "cuda":  # this rank's GPU; the allocator's counters, no sync
-        device = accelerator.device
-        values["gpu_mem_allocated_GiB"] = torch.cuda.memory_allocated(device) / 2**30
-        values["gpu_mem_peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
-        values["gpu_mem_reserved_GiB"] = torch.cuda.memory_reserved(device) / 2**30
-    return values
-
-
-def _share(accelerator: Accelerator, value: Any) -> Any:
-    """The main process's `value` on every rank; a TrackingError from the main process is raised everywhere."""
-    box = [value]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(box)
-    if isinstance(box[0], TrackingError):
-        raise box[0]
-    return box[0]
-
-
 class Tracker:
     """The run's tracker. Construct it before any data is read: it checks the W&B credentials."""
 
-    def __init__(self, cfg: Config, accelerator: Accelerator, console: Console) -> None:
+    def __init__(self, cfg: Config, choice: TrackerChoice, accelerator: Accelerator, console: Console) -> None:
+        """`accelerator` must have been built with `choice.accelerator_kwargs`."""
         self.acc = accelerator
         self.console = console
-        self.kind = "none" if not accelerator.log_with else cfg.log.tracker
+        self.kind = choice.kind
         self.mode: str | None = None  # W&B: online | offline
         self.location: str | None = None  # for people: URL, offline directory or log directory
         self.sync_command: str | None = None  # offline W&B: how to upload
-        self._why = ""
-        if self.kind == "wandb":
-            decision: Any = None
-            if accelerator.is_main_process:
-                try:
-                    decision = resolve_wandb_mode(cfg.log)
-                except TrackingError as exc:
-                    decision = exc
-            self.mode, self._why = _share(accelerator, decision)
-        elif self.kind == "none":
-            self._why = "WANDB_MODE=disabled" if cfg.log.tracker == "wandb" else f"log.tracker={cfg.log.tracker}"
+        self._why = choice.reason
+        if self.kind == "wandb":  # credentials are looked for where the main process runs
+            self.mode, self._why = main_decides(accelerator, lambda: resolve_wandb_mode(cfg.log))
 
     @property
     def active(self) -> bool:
@@ -203,13 +182,7 @@ class Tracker:
         """
         run_dir = Path(cfg.run.dir)
         run_id = state.tracker_run_id if continuing else None
-        result: Any = None
-        if self.acc.is_main_process:
-            try:
-                result = self._start_main(cfg, run_id, run_dir)
-            except TrackingError as exc:
-                result = exc
-        run_id = _share(self.acc, result)
+        run_id = main_decides(self.acc, lambda: self._start_main(cfg, run_id, run_dir))
         if self.acc.is_main_process:
             self.console.print(self._describe(cfg, run_dir))
             if not continuing:

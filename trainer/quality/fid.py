@@ -32,14 +32,15 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from trainer.core.config import Config, user_cache_dir
-from trainer.core.data import CIFAR10Images, build_dataset, pil_to_uint8
+from trainer.core.data import CIFAR10Images, build_dataset, pil_to_uint8, to_uint8
 from trainer.core.models import Generator
-from trainer.util.errors import EvaluationError, UserError
+from trainer.util.atomic import write_atomic
+from trainer.util.errors import EvaluationError
+from trainer.util.ranks import main_decides, main_first
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # the name torch-fidelity downloads it under
@@ -70,14 +71,6 @@ class Reference:
 
 
 # ---- latents, quantization and sharding --------------------------------------------------------
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Generated float [-1, 1] -> uint8 [0, 255], quantized like real data (the inverse of the loader's scaling).
-
-    Rounds half up, as torchvision's `save_image` does, so a saved PNG holds exactly these values.
-    """
-    return images.float().add(1.0).mul_(127.5).add_(0.5).clamp_(0, 255).to(torch.uint8)
-
-
 def latents(seed: int, indices: Sequence[int], nz: int) -> torch.Tensor:
     """Latent vector i depends only on (seed, i): the same for any batch size or number of processes.
 
@@ -307,23 +300,19 @@ def reference_dataset(cfg: Config) -> Dataset:
 
 
 def save_reference(path: Path, stats: dict[str, np.ndarray], kid_features: torch.Tensor, identity: dict) -> None:
-    """Atomic: written to a temporary file in the same directory, fsynced, then renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
+    """Atomic (trainer.util.atomic), so a reader never sees half a file."""
+    arrays = {
+        "mu": stats["mu"],
+        "sigma": stats["sigma"],
+        "kid_features": kid_features.numpy(),
+        "identity": np.array(json.dumps(identity, sort_keys=True)),
+    }
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
-            np.savez(
-                fh,
-                mu=stats["mu"],
-                sigma=stats["sigma"],
-                kid_features=kid_features.numpy(),
-                identity=np.array(json.dumps(identity, sort_keys=True)),
-            )
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+            np.savez(fh, **arrays)
+
+    write_atomic(path, write)
 
 
 def load_reference(path: Path, identity: dict) -> Reference | None:
@@ -338,22 +327,6 @@ def load_reference(path: Path, identity: dict) -> Reference | None:
 
 
 # ---- the evaluator -----------------------------------------------------------------------------
-def _main_first(accelerator: Accelerator, fn: Callable[[], Any]) -> Any:
-    """Run `fn` on the main process, then on the others; an error on the main process is raised on
-    every rank (rather than leaving the others waiting for it forever)."""
-    result, failure = None, [None]
-    if accelerator.is_main_process:
-        try:
-            result = fn()
-        except UserError as exc:
-            failure[0] = exc
-    if accelerator.num_processes > 1:
-        broadcast_object_list(failure)
-    if failure[0] is not None:
-        raise failure[0]
-    return result if accelerator.is_main_process else fn()
-
-
 class Evaluator:
     """FID / IS / KID of a generator's weights. Collective: every rank builds it and calls `evaluate`.
 
@@ -364,7 +337,7 @@ class Evaluator:
         self.cfg, self.acc, self.log = cfg, accelerator, log
         ev = cfg.eval
         self.layers = layers_for(ev.feature_extractor)
-        extractor, self.weights = _main_first(
+        extractor, self.weights = main_first(
             accelerator, lambda: load_feature_extractor(ev.feature_extractor, ev.feature_extractor_weights)
         )
         self.extractor = extractor.to(accelerator.device)
@@ -383,19 +356,22 @@ class Evaluator:
         if self._reference_ready:
             return self._reference
         cfg, acc = self.cfg, self.acc
-        identity = reference_identity(cfg, self.weights) if acc.is_main_process else None
-        path = reference_path(cfg, identity) if acc.is_main_process else None
-        found = [load_reference(path, identity) if acc.is_main_process and path.is_file() else None]
-        hit = [found[0] is not None]
-        if acc.num_processes > 1:
-            broadcast_object_list(hit)
-        if hit[0]:
-            self._reference = found[0]
+        identity: dict[str, Any] = {}
+        path = Path()
+
+        def cached() -> bool:  # the main process looks; the others only learn whether it found them
+            nonlocal identity, path
+            identity = reference_identity(cfg, self.weights)
+            path = reference_path(cfg, identity)
+            self._reference = load_reference(path, identity) if path.is_file() else None
+            return self._reference is not None
+
+        if main_decides(acc, cached):
             if acc.is_main_process:
                 self.log(f"reference statistics: loaded {path}")
         else:
             start = time.perf_counter()
-            dataset = _main_first(acc, lambda: reference_dataset(cfg))
+            dataset = main_first(acc, lambda: reference_dataset(cfg))
             features = self._real_features(dataset)
             if acc.is_main_process:
                 stats = fid_statistics(features[self.layers.fid])
@@ -443,11 +419,11 @@ class Evaluator:
         start = time.perf_counter()
         reference = self.reference()
         generated = self.generated_features(weights)
-        results: list[Any] = [None]
-        if self.acc.is_main_process:
+
+        def score() -> dict[str, float]:
             ev = self.cfg.eval
-            results[0] = compute_metrics(reference, generated, self.layers, ev.kid_subsets, ev.kid_subset_size)
-            results[0].update(num_samples=ev.num_samples, num_real=len(reference.kid_features))
-        if self.acc.num_processes > 1:
-            broadcast_object_list(results)
-        return {**results[0], "eval_s": time.perf_counter() - start}
+            results = compute_metrics(reference, generated, self.layers, ev.kid_subsets, ev.kid_subset_size)
+            return {**results, "num_samples": ev.num_samples, "num_real": len(reference.kid_features)}
+
+        results = main_decides(self.acc, score)
+        return {**results, "eval_s": time.perf_counter() - start}

@@ -1,0 +1,73 @@
+"""Per-step measurements, collected once and handed to every sink (console, metrics.jsonl, trackers).
+
+The GAN step returns metric tensors; `MetricMeter` sums them on the device between log steps and
+averages them over the window and across ranks in one reduction (the log step's only host sync).
+`host_metrics` adds what the host already knows; `append_metrics` writes the local record.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from trainer.core.checkpoint import TrainState
+
+
+class MetricMeter:
+    """Sums metric tensors on the device between log steps; `mean_across_ranks` is their only host sync."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        for name, value in metrics.items():
+            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+        self.count += 1
+
+    def reset(self) -> None:
+        self.sums, self.count = {}, 0
+
+    def mean_across_ranks(self, accelerator: Accelerator) -> dict[str, float]:
+        """The window's mean on each rank, then the mean over ranks (every rank has the same count)."""
+        if not self.count:
+            return {}
+        names = list(self.sums)
+        local = torch.stack([self.sums[n].float() for n in names]) / self.count
+        values = accelerator.reduce(local, reduction="mean").tolist()
+        self.reset()
+        return dict(zip(names, values, strict=True))
+
+
+def host_metrics(
+    accelerator: Accelerator, optimizers: Mapping[str, torch.optim.Optimizer], state: TrainState
+) -> dict[str, float]:
+    """Metrics the host already knows (no device work): learning rates, fp16 scaler, CUDA memory.
+
+    Called at log steps only: reading the loss scale is a host sync.
+    """
+    values: dict[str, float] = {f"lr_{name}": float(opt.param_groups[0]["lr"]) for name, opt in optimizers.items()}
+    if accelerator.scaler is not None:  # fp16: the loss scale falls when gradients overflow, steps are skipped
+        values["loss_scale"] = float(accelerator.scaler.get_scale())
+        values["skipped_steps_D"] = float(state.skipped_steps_d)
+        values["skipped_steps_G"] = float(state.skipped_steps_g)
+    if accelerator.device.type == "cuda":  # this rank's GPU; the allocator's counters, no sync
+        device = accelerator.device
+        values["gpu_mem_allocated_GiB"] = torch.cuda.memory_allocated(device) / 2**30
+        values["gpu_mem_peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+        values["gpu_mem_reserved_GiB"] = torch.cuda.memory_reserved(device) / 2**30
+    return values
+
+
+def append_metrics(path: Path, state: TrainState, metrics: dict[str, float], images_per_s: float | None) -> None:
+    """One JSON line per log step (and per evaluation): a local record of the run that needs no tracker."""
+    record = {"step": state.step, "epoch": state.epoch, "images_seen": state.images_seen}
+    if images_per_s is not None:
+        record["images_per_s"] = images_per_s
+    record.update(metrics)
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
