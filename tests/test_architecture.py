@@ -14,8 +14,8 @@ import trainer
 
 PACKAGE = Path(trainer.__file__).parent
 # Layer of each part of the package: a module may import from lower layers and from its own subpackage.
-LAYERS = {"util": 0, "core": 1, "monitor": 2, "quality": 2, "loop": 3}
-TOOLS = 4  # entry points and their helpers (train, prepare, evaluate, sample, bench, ...): may use each other
+LAYERS = {"util": 0, "core": 1, "monitor": 2, "quality": 2, "prepare": 3, "loop": 4}
+TOOLS = 5  # entry points and their helpers (train, prepare, evaluate, sample, bench, ...): may use each other
 
 
 def module_name(path: Path) -> str:

@@ -32,7 +32,7 @@ def accelerator() -> Accelerator:
 
 @pytest.fixture(scope="module")
 def extractor() -> nn.Module:
-    return fid.load_feature_extractor(STANDIN, None)[0]
+    return fid.load_feature_extractor(STANDIN, None)
 
 
 def _images(count: int, resolution: int = 32) -> torch.Tensor:
@@ -140,7 +140,7 @@ def test_evaluator_scores_a_generator_and_repeats_itself(tmp_path, accelerator):
 def test_missing_weights_file_error_names_the_file_and_the_fix(tmp_path):
     missing = tmp_path / "nowhere" / "weights.pth"
     with pytest.raises(EvaluationError) as info:
-        fid.load_feature_extractor(fid.INCEPTION, str(missing))
+        fid.resolve_weights(fid.INCEPTION, str(missing))
     message = str(info.value)
     assert f"eval.feature_extractor_weights={str(missing)!r} is not a file" in message
     assert "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + fid.INCEPTION_FILE in message

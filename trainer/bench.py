@@ -102,7 +102,7 @@ def run_ours(cfg: Config, warmup: int, steps: int) -> Result:
 
     accelerator = build_accelerator(cfg)
     use_sync_bn = check_against_hardware(cfg, accelerator)
-    dataset = load_dataset(cfg.data, cfg.model.resolution, cfg.run.seed, accelerator)
+    dataset = load_dataset(cfg.data, cfg.model.resolution, cfg.run.seed)
     loader = build_dataloader(dataset, cfg.train.batch_size, cfg.data.num_workers)
     generator, discriminator, opt_g, opt_d = build_networks(cfg, accelerator, use_sync_bn)
     generator, discriminator, opt_g, opt_d, loader = accelerator.prepare(generator, discriminator, opt_g, opt_d, loader)

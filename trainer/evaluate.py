@@ -19,8 +19,10 @@ from trainer.checkpoint_args import add_checkpoint_arguments, checkpoint_config
 from trainer.core.checkpoint import find_checkpoint, load_generator, run_dir_of
 from trainer.core.runtime import build_accelerator
 from trainer.monitor.console import Console
+from trainer.prepare import prepare_evaluation
 from trainer.quality.fid import Evaluator
 from trainer.util.errors import UserError
+from trainer.util.ranks import one_process_first
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -71,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         if out.exists() and not args.overwrite:
             raise UserError(f"{out} exists; pass --overwrite to replace it, or --out <another file>.json")
 
+        # The reference statistics: computed once, before the process group, where no collective waits
+        one_process_first(lambda: prepare_evaluation(cfg), name="prepare-evaluation")
         accelerator = build_accelerator(cfg)  # gloo on CPU, NCCL on GPUs, as in training
         console = Console(accelerator)
         evaluator = Evaluator(cfg, accelerator, console.print)

@@ -10,12 +10,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from trainer.core.checkpoint import EMA_FILE, Checkpointer, TrainState, export_weights
 from trainer.core.config import Config, evaluation_enabled, to_dict, to_yaml
-from trainer.core.data import build_dataloader, load_dataset, to_model_input
+from trainer.core.data import build_dataloader, open_dataset, to_model_input
 from trainer.core.ema import GeneratorEMA
 from trainer.core.models import build_networks
 from trainer.core.runtime import build_accelerator, check_against_hardware
@@ -24,12 +25,14 @@ from trainer.monitor.console import Console, RunSummary, format_duration
 from trainer.monitor.grids import fixed_noise, save_generator_grid, save_real_grid
 from trainer.monitor.health import NonFinite, NonFiniteWatch
 from trainer.monitor.measurements import MetricMeter, append_metrics, host_metrics
-from trainer.monitor.stopping import StopRequest
+from trainer.monitor.run_lock import RunLock
+from trainer.monitor.stopping import StopRequest, exit_with_launcher
 from trainer.monitor.tracking import Tracker, choose_tracker
+from trainer.prepare import prepare_before_launch
 from trainer.quality.fid import Evaluator
 from trainer.util.atomic import write_text_atomic
 from trainer.util.errors import DivergenceError, RunError
-from trainer.util.ranks import main_decides
+from trainer.util.ranks import main_decides, one_process_first
 
 
 @contextmanager
@@ -46,11 +49,31 @@ def _stop_if_write_fails(what: str, path: Path, checkpointer: Checkpointer) -> I
 
 
 def train(cfg: Config) -> RunSummary:
+    """One training run. Before anything else, the main process takes the run directory's lock, and
+    the run's one-time preparation happens before the process group exists (see trainer.prepare)."""
+    run_dir = Path(cfg.run.dir)
+    lock = RunLock(run_dir)
+    took_over = one_process_first(lambda: _take(lock), name="run-lock")  # only the main process holds it
+    try:
+        exit_with_launcher(on_exit=lock.release)
+        prepared = prepare_before_launch(cfg)
+        return _train(cfg, run_dir, prepared, took_over)
+    finally:
+        lock.release()  # a no-op on processes that do not hold it
+
+
+def _take(lock: RunLock) -> str | None:
+    lock.acquire()
+    return lock.took_over.describe() if lock.took_over else None
+
+
+def _train(cfg: Config, run_dir: Path, prepared: dict[str, Any], took_over: str | None) -> RunSummary:
     tracking = choose_tracker(cfg)
     accelerator = build_accelerator(cfg, tracking.accelerator_kwargs)
     use_sync_bn = check_against_hardware(cfg, accelerator)
     console = Console(accelerator)
-    run_dir = Path(cfg.run.dir)
+    if took_over:
+        console.print(f"warning: took over the run lock of a run that is gone ({took_over})")
     tracker = Tracker(cfg, tracking, accelerator, console)  # W&B online without credentials fails here, before any data
     console.config(to_dict(cfg), str(run_dir / "config.yaml"))
 
@@ -61,7 +84,7 @@ def train(cfg: Config) -> RunSummary:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
 
-    dataset = load_dataset(cfg.data, cfg.model.resolution, cfg.run.seed, accelerator)
+    dataset = open_dataset(cfg.data, cfg.model.resolution, cfg.run.seed, prepared["data"])
     loader = build_dataloader(dataset, cfg.train.batch_size, cfg.data.num_workers)
     generator, discriminator, opt_g, opt_d = build_networks(cfg, accelerator, use_sync_bn)
     ema = GeneratorEMA(generator, cfg.train.ema_decay, accelerator) if cfg.train.ema_decay else None
@@ -84,7 +107,7 @@ def train(cfg: Config) -> RunSummary:
     console.print(
         f"{len(dataset)} images, {steps_per_epoch} steps/epoch of {cfg.train.batch_size} images "
         f"({cfg.train.batch_size // accelerator.num_processes} per process x {accelerator.num_processes}), "
-        f"{total_steps} steps in all; device {accelerator.device}, precision {cfg.train.mixed_precision}, "
+        f"{total_steps} steps in all; device {accelerator.device}, precision {accelerator.mixed_precision}, "
         f"{'SyncBatchNorm' if use_sync_bn else 'BatchNorm'}"
     )
 
@@ -99,7 +122,18 @@ def train(cfg: Config) -> RunSummary:
     continuing = resume_from is not None and resume_from.resolve().parent == checkpointer.dir.resolve()
     state.tracker_run_id = tracker.start(cfg, state, continuing, samples_dir / "real.png")  # saved in checkpoints
 
-    gan_step = GANStep(accelerator, generator, discriminator, opt_g, opt_d, cfg.model.nz, cfg.run.seed)
+    cuda_graphs = cfg.train.compile and cfg.train.compile_mode != "default" and accelerator.device.type == "cuda"
+    gan_step = GANStep(accelerator, generator, discriminator, opt_g, opt_d, cfg.model.nz, cfg.run.seed, cuda_graphs)
+    state.precision = accelerator.mixed_precision
+
+    def sync_skip_counts(to_state: bool) -> None:
+        """fp16 skips are counted on the device by the step; the state holds them for logs and checkpoints."""
+        if to_state:
+            state.skipped_steps_d, state.skipped_steps_g = gan_step.skipped.tolist()
+        else:
+            gan_step.skipped.copy_(torch.tensor([state.skipped_steps_d, state.skipped_steps_g]))
+
+    sync_skip_counts(to_state=False)
     stop = StopRequest(run_dir, accelerator)
     watch = NonFiniteWatch(accelerator, {"generator": generator, "discriminator": discriminator})
     meter = MetricMeter()
@@ -143,6 +177,7 @@ def train(cfg: Config) -> RunSummary:
             attempt = state.rollbacks + 1
             restored = checkpointer.load(newest)
             vars(state).update(vars(restored), rollbacks=attempt)
+            sync_skip_counts(to_state=False)
             watch.reset()
             meter.reset()
             console.print(
@@ -175,9 +210,6 @@ def train(cfg: Config) -> RunSummary:
                 state.step += 1
                 watch.update(metrics, state.step)
                 state.step_in_epoch += 1
-                if accelerator.scaler is not None:  # fp16: the scaler skips steps whose gradients overflowed
-                    state.skipped_steps_d += int(opt_d.step_was_skipped)
-                    state.skipped_steps_g += int(opt_g.step_was_skipped)
                 meter.add(metrics)
                 epoch_done = state.step_in_epoch == steps_per_epoch
                 if epoch_done:
@@ -192,6 +224,12 @@ def train(cfg: Config) -> RunSummary:
                 if problem:
                     recover(problem)
                     break  # the outer loop restarts from the restored state
+                if save_due or state.step % cfg.log.every_steps == 0:
+                    sync_skip_counts(to_state=True)  # a host sync, where the health check already paid one
+                if stopping:
+                    # Save before anything else: under torchrun, SIGTERM leaves 30 s until SIGKILL, so
+                    # no evaluation and no upload may come between the signal and the checkpoint.
+                    checkpointer.save(state, cfg)
 
                 if state.step % cfg.log.every_steps == 0 or state.step == total_steps or stopping:
                     last_metrics = meter.mean_across_ranks(accelerator)
@@ -212,10 +250,14 @@ def train(cfg: Config) -> RunSummary:
                     sample(f"epoch_{state.epoch:03d}.png")
                 if save_due:
                     checkpointer.save(state, cfg)
-                if evaluator and (
-                    (cfg.eval.every_epochs and epoch_done and state.epoch % cfg.eval.every_epochs == 0)
-                    or (cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0)
-                    or state.step >= total_steps
+                if (
+                    evaluator
+                    and not stopping
+                    and (
+                        (cfg.eval.every_epochs and epoch_done and state.epoch % cfg.eval.every_epochs == 0)
+                        or (cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0)
+                        or state.step >= total_steps
+                    )
                 ):
                     window_time += evaluate()  # evaluation time does not count against images/s
                 if state.step >= total_steps or stopping:

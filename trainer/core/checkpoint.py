@@ -76,6 +76,7 @@ class TrainState:
     skipped_steps_d: int = 0  # fp16 steps the grad scaler skipped (overflow)
     skipped_steps_g: int = 0
     rollbacks: int = 0  # reloads after non-finite losses (train.on_nonfinite=rollback)
+    precision: str | None = None  # the resolved train.mixed_precision (no | fp16 | bf16) that wrote it
 
     @property
     def images_seen(self) -> int:
@@ -255,7 +256,7 @@ class Checkpointer:
         def decide() -> str | None:
             choice = self._choose(resume)
             if choice is not None:
-                _check_compatible(Path(choice), cfg)
+                _check_compatible(Path(choice), cfg, self.accelerator.mixed_precision)
                 _check_no_code_in_pickles(Path(choice))
             return choice
 
@@ -341,7 +342,7 @@ def _check_no_code_in_pickles(path: Path) -> None:
                 ) from None
 
 
-def _check_compatible(path: Path, cfg: Config) -> None:
+def _check_compatible(path: Path, cfg: Config, precision: str) -> None:
     from omegaconf import OmegaConf
 
     data = json.loads((path / TRAIN_STATE).read_text())
@@ -360,6 +361,13 @@ def _check_compatible(path: Path, cfg: Config) -> None:
         raise CheckpointError(
             f"{path} was trained with a different model ({'; '.join(mismatched)}); "
             "use the checkpoint's model settings or start a new run.dir"
+        )
+    if state.precision not in (None, precision) and precision == "fp16":
+        # bf16 <-> fp32 resumes exactly (weights and Adam states are fp32 either way); fp16 needs the
+        # grad scaler's state, which only an fp16 checkpoint holds.
+        raise CheckpointError(
+            f"{path} was trained with precision {state.precision}, and this run uses fp16, whose grad scaler "
+            f"state it does not hold; resume with train.mixed_precision={state.precision} or start a new run.dir"
         )
     if state.global_batch != cfg.train.batch_size:
         raise CheckpointError(

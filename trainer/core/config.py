@@ -37,6 +37,9 @@ class DataConfig:
     packed: bool = True  # decode once into a memory-mapped uint8 cache; false: classic per-sample PIL loading
     cache_dir: str | None = None  # packed cache location; default $XDG_CACHE_HOME/dcgan-trainer/packed
     bad_files: Literal["error", "skip"] = "error"  # unreadable files in a `folder` source: stop, or skip them
+    # true when data.cache_dir is on node-local disks: each node's first process then builds its own
+    # pack; false (default): one process builds it for the whole job on a filesystem all nodes share
+    cache_per_node: bool = False
 
 
 @dataclass
@@ -55,7 +58,9 @@ class TrainConfig:
     lr: float = 2e-4
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
     # str, not Literal: YAML reads a bare `no` as false, which must still mean "no"
-    mixed_precision: str = "bf16"  # no | fp16 | bf16
+    # auto: bf16 on GPUs that have it (compute capability 8.0+), fp16 on older GPUs, and on CPUs bf16
+    # only with AMX (elsewhere CPU bf16 is slower than fp32, so no)
+    mixed_precision: str = "auto"  # auto | no | fp16 | bf16
     sync_bn: str = "auto"  # auto | true | false (YAML booleans accepted)
     channels_last: bool = True  # NHWC models and batches (faster convolutions on CPU and GPU)
     compile: bool = False  # torch.compile G and D (inductor); see docs/performance.md for when it pays
@@ -105,6 +110,14 @@ class EvalConfig:
 
 
 @dataclass
+class DistConfig:
+    # Seconds a collective may wait before the process group gives up (NCCL's own default is 600).
+    # One-time preparation happens outside collectives (trainer.prepare), so this only bounds waits
+    # inside training: checkpoints, evaluation, stop checks.
+    timeout_s: int = 1800
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -113,6 +126,7 @@ class Config:
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 def user_cache_dir(kind: str) -> Path:
@@ -182,8 +196,8 @@ def validate(cfg: Config) -> None:
     precision = str(cfg.train.mixed_precision).lower()
     precision = "no" if precision == "false" else precision
     _require(
-        precision in ("no", "fp16", "bf16"),
-        f"train.mixed_precision={cfg.train.mixed_precision!r} is not one of no, fp16, bf16",
+        precision in ("auto", "no", "fp16", "bf16"),
+        f"train.mixed_precision={cfg.train.mixed_precision!r} is not one of auto, no, fp16, bf16",
     )
     cfg.train.mixed_precision = precision
     sync_bn = str(cfg.train.sync_bn).lower()
@@ -209,6 +223,7 @@ def validate(cfg: Config) -> None:
         "log.sample_every_steps",
         "log.sample_grid_size",
         "data.fake_size",
+        "dist.timeout_s",
     ):
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)

@@ -12,10 +12,10 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
@@ -32,7 +32,6 @@ from trainer.core.packed import (
     whole_batch,
 )
 from trainer.util.errors import DataError
-from trainer.util.ranks import main_decides
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
@@ -76,11 +75,8 @@ class ImageFiles(Dataset):
                 stacklevel=3,
             )
 
-    def drop_unreadable(self, unreadable: list[tuple[str, str]], policy: str, warn: bool) -> None:
-        """Report unreadable files; with policy `skip` train without them, else stop (DataError)."""
-        if warn:
-            self.warn_ignored()
-        report_unreadable(unreadable, len(self.files), self.root, policy, warn)
+    def drop(self, unreadable: list[tuple[str, str]]) -> None:
+        """Leave out the files `find_unreadable` reported (data.bad_files=skip; `error` stopped before)."""
         bad = {path for path, _ in unreadable}
         self.files = [p for p in self.files if str(p) not in bad]
 
@@ -192,28 +188,50 @@ def find_unreadable(files: list[Path]) -> list[tuple[str, str]]:
         return [found for found in pool.map(check, files) if found is not None]
 
 
-def load_dataset(cfg: DataConfig, resolution: int, seed: int, accelerator: Accelerator) -> Dataset:
-    """The dataset of a run, the same on every rank; bad input stops it before training starts.
+def prepare_data(cfg: DataConfig, resolution: int, seed: int) -> dict[str, Any]:
+    """The dataset's one-time work, on one process: download, pack, or scan for unreadable files.
 
-    `data.packed` (default): decoded once into the packed cache by each node's first process.
-    Otherwise the classic per-sample PIL path, with folder images checked once (main process).
+    Returns what every process needs to open the dataset without repeating it (JSON-able: it travels
+    through the launcher's store); bad input stops the run here (DataError), before training starts.
+    """
+    if cfg.source == "fake":
+        return {}
+    if cfg.packed:
+        packed = build_packed(cfg, resolution)
+        if packed.listing is not None:
+            packed.listing.warn_ignored()
+        total = len(packed) + len(packed.unreadable)
+        report_unreadable(packed.unreadable, total, Path(cfg.root), cfg.bad_files, warn=True)
+        return {"pack": str(packed.path)}
+    dataset = build_dataset(cfg, resolution, seed)  # CIFAR-10: downloaded and unpacked here
+    if isinstance(dataset, ImageFiles):
+        dataset.warn_ignored()
+        unreadable = find_unreadable(dataset.files)
+        report_unreadable(unreadable, len(dataset.files), dataset.root, cfg.bad_files, warn=True)
+        return {"unreadable": unreadable}
+    return {}
+
+
+def open_dataset(cfg: DataConfig, resolution: int, seed: int, prepared: dict[str, Any]) -> Dataset:
+    """The dataset of a run, the same on every process, from what `prepare_data` left.
+
+    The packed file is opened by the path the preparing process found: no process walks or stats the
+    folder again to compute its key.
     """
     if cfg.source == "fake":
         return FakeImages(cfg.fake_size, resolution, seed)
     if cfg.packed:
-        with accelerator.local_main_process_first():  # a download or a build happens once per node
-            dataset = build_packed(cfg, resolution)
-        if dataset.listing is not None and accelerator.is_main_process:
-            dataset.listing.warn_ignored()
-        total = len(dataset) + len(dataset.unreadable)
-        report_unreadable(dataset.unreadable, total, Path(cfg.root), cfg.bad_files, accelerator.is_main_process)
+        return PackedImages.open(Path(prepared["pack"]))
+    if cfg.source == "folder":
+        dataset = ImageFiles(cfg.root, pil_to_uint8(resolution))
+        dataset.drop(prepared["unreadable"])
         return dataset
-    with accelerator.main_process_first():  # a CIFAR-10 download happens once, on the main process
-        dataset = build_dataset(cfg, resolution, seed)
-    if isinstance(dataset, ImageFiles):
-        unreadable = main_decides(accelerator, lambda: find_unreadable(dataset.files))
-        dataset.drop_unreadable(unreadable, cfg.bad_files, warn=accelerator.is_main_process)
-    return dataset
+    return CIFAR10Images(cfg.root, download=False, transform=pil_to_uint8(resolution))
+
+
+def load_dataset(cfg: DataConfig, resolution: int, seed: int) -> Dataset:
+    """`prepare_data` then `open_dataset`, in this one process (the benchmark, tools, tests)."""
+    return open_dataset(cfg, resolution, seed, prepare_data(cfg, resolution, seed))
 
 
 def build_dataloader(dataset: Dataset, global_batch: int, num_workers: int) -> DataLoader:

@@ -48,6 +48,11 @@ class PackedImages(Dataset):
         self.images = np.load(path, mmap_mode="r")
         self.unreadable: list[tuple[str, str]] = [tuple(x) for x in meta.get("unreadable", [])]
 
+    @classmethod
+    def open(cls, path: Path) -> PackedImages:
+        """A pack another process built (see `open_or_build`), by the path it reported."""
+        return cls(path, json.loads(path.with_suffix(".json").read_text()))
+
     def __len__(self) -> int:
         return self.images.shape[0]
 

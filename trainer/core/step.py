@@ -45,16 +45,34 @@ class GANStep:
         opt_d: torch.optim.Optimizer,
         nz: int,
         run_seed: int,
+        cuda_graphs: bool = False,
     ) -> None:
+        """`cuda_graphs`: G and D are compiled with CUDA graphs (compile_mode reduce-overhead or
+        max-autotune), so each call marks a new step for them."""
         self.acc = accelerator
         self.G, self.D = generator, discriminator
         self.opt_g, self.opt_d = opt_g, opt_d
         self.nz = nz
         self.run_seed = run_seed
+        self.cuda_graphs = cuda_graphs
         self.noise = torch.Generator(device=accelerator.device)
+        # fp16: steps the grad scaler skipped (overflow), D then G; on the device, read at log steps.
+        self.skipped = torch.zeros(2, dtype=torch.long, device=accelerator.device)
+
+    def _scale(self) -> torch.Tensor | None:
+        scaler = self.acc.scaler
+        return None if scaler is None else scaler._scale.clone()  # the scale tensor itself: no host sync
+
+    def _count_if_skipped(self, index: int, scale_before: torch.Tensor | None) -> None:
+        """The scaler lowers its scale exactly when it skips a step. Accelerate's `step_was_skipped`
+        cannot tell: a fused optimizer (ours on CUDA) is always called and skips internally."""
+        if scale_before is not None:
+            self.skipped[index] += self.acc.scaler._scale < scale_before
 
     def __call__(self, real: torch.Tensor, step: int, attempt: int = 0) -> dict[str, torch.Tensor]:
         acc, G, D = self.acc, self.G, self.D
+        if self.cuda_graphs:  # the graphs' outputs of the previous step may be overwritten from here on
+            torch.compiler.cudagraph_mark_step_begin()
         self.noise.manual_seed(step_noise_seed(self.run_seed, acc.process_index, step, attempt))
         z = torch.randn(real.shape[0], self.nz, device=real.device, generator=self.noise)
         fake = G(z)
@@ -70,7 +88,9 @@ class GANStep:
         # again); a no-op otherwise. After backward, DDP has averaged the gradients over ranks.
         acc.unscale_gradients(self.opt_d)
         grad_norm_d = grad_norm(D)
+        scale = self._scale()
         self.opt_d.step()
+        self._count_if_skipped(0, scale)
 
         # G step: maximise log D(G(z)). D is frozen (no gradients computed for it) and under
         # no_sync, so DDP does not all-reduce D gradients that nobody uses.
@@ -83,7 +103,9 @@ class GANStep:
         D.requires_grad_(True)
         acc.unscale_gradients(self.opt_g)
         grad_norm_g = grad_norm(G)
+        scale = self._scale()
         self.opt_g.step()
+        self._count_if_skipped(1, scale)
 
         return {
             "loss_D": loss_d.detach(),

@@ -9,7 +9,12 @@ the signal touches `<run.dir>/STOP` instead, which every node sees on a shared f
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -59,3 +64,28 @@ class StopRequest:
             signal.signal(sig, handler)
         if self.acc.is_main_process:
             self.file.unlink(missing_ok=True)
+
+
+def exit_with_launcher(on_exit: Callable[[], None], poll_s: float = 1.0) -> None:
+    """Under a launcher (torchrun, `accelerate launch`): end this process within seconds of the launcher's death.
+
+    torchrun starts each worker in a session of its own, so a launcher killed with SIGKILL leaves
+    its workers training, and the same command started again would train beside them. A daemon
+    thread watches the parent pid; once this process is re-parented (the launcher is gone), it runs
+    `on_exit` (releasing the run lock) and exits at once. No checkpoint is written: the newest
+    complete one stays the resume point, and a save cut short is a `.tmp-*` directory that is never
+    loaded. A run started straight from a shell (`python -m trainer.train`) is left alone, so
+    `nohup` keeps working.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ and "ACCELERATE_MIXED_PRECISION" not in os.environ:
+        return
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(poll_s)
+        print(f"the launcher (pid {launcher}) is gone: this worker (pid {os.getpid()}) exits", file=sys.stderr)
+        on_exit()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()

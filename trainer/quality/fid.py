@@ -40,7 +40,7 @@ from trainer.core.data import CIFAR10Images, build_dataset, pil_to_uint8, to_uin
 from trainer.core.models import Generator
 from trainer.util.atomic import write_atomic
 from trainer.util.errors import EvaluationError
-from trainer.util.ranks import main_decides, main_first
+from trainer.util.ranks import main_decides
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # the name torch-fidelity downloads it under
@@ -90,28 +90,43 @@ def rank_batches(total: int, batch_size: int, rank: int, world: int) -> list[ran
     return [range(s, min(s + batch_size, total)) for s in range(rank * batch_size, total, world * batch_size)]
 
 
+def _gather_to_main(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor | None:
+    """Every rank's equally shaped `tensor`, concatenated in rank order on the main process (None elsewhere)."""
+    if accelerator.num_processes == 1:
+        return tensor
+    parts = (
+        [torch.empty_like(tensor) for _ in range(accelerator.num_processes)] if accelerator.is_main_process else None
+    )
+    torch.distributed.gather(tensor, parts, dst=0)
+    return torch.cat(parts) if parts is not None else None
+
+
 def gather_in_order(
     accelerator: Accelerator, indices: list[int], features: dict[str, torch.Tensor], dims: dict[str, int]
-) -> dict[str, torch.Tensor]:
-    """Every rank's features, in sample-index order, on the CPU of every rank.
+) -> dict[str, torch.Tensor] | None:
+    """Every rank's features, in sample-index order, on the CPU of the main process (None on the others:
+    only it computes the metrics, and 8 copies of 50k feature rows would be memory spent for nothing).
 
-    `accelerator.gather` needs equal shapes: each rank pads to the largest share, and padding rows
-    carry index -1 so they can be dropped.
+    A gather needs equal shapes: each rank pads to the largest share, and padding rows carry index
+    -1 so they can be dropped.
     """
     device = accelerator.device
     count = torch.tensor([len(indices)], device=device)
     most = int(accelerator.gather(count).max())
     pad = most - len(indices)
     index = torch.tensor(list(indices) + [-1] * pad, dtype=torch.long, device=device)
-    all_index = accelerator.gather(index)
-    keep = (all_index >= 0).nonzero().squeeze(1)
-    order = keep[all_index[keep].argsort()]
+    all_index = _gather_to_main(accelerator, index)
+    order = None
+    if all_index is not None:
+        keep = (all_index >= 0).nonzero().squeeze(1)
+        order = keep[all_index[keep].argsort()]
     out = {}
     for name, dim in dims.items():
         local = features.get(name, torch.empty(0, dim, device=device)).to(device=device, dtype=torch.float32)
-        padded = torch.cat([local, local.new_zeros(pad, dim)])
-        out[name] = accelerator.gather(padded)[order].cpu()
-    return out
+        gathered = _gather_to_main(accelerator, torch.cat([local, local.new_zeros(pad, dim)]))
+        if gathered is not None:
+            out[name] = gathered[order].cpu()
+    return out if accelerator.is_main_process else None
 
 
 # ---- feature extractors ------------------------------------------------------------------------
@@ -187,14 +202,26 @@ def _weights_only_loads() -> Iterator[None]:
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
-def load_feature_extractor(spec: str, weights: str | None) -> tuple[nn.Module, Path | None]:
-    """(extractor on the CPU in eval mode, its weights file or None). Raises EvaluationError."""
-    from torch_fidelity.utils import create_feature_extractor
-
+def resolve_weights(spec: str, weights: str | None) -> Path | None:
+    """The extractor's weights file (downloading InceptionV3's if needed), or None for an extractor
+    that brings its own. Decided once, on one process, and handed to the others: another node must
+    not start a download of its own. Raises EvaluationError."""
     _registered(spec)
     path = inception_weights(weights) if spec == INCEPTION else (Path(weights).expanduser() if weights else None)
     if path is not None and not path.is_file():
         raise EvaluationError(f"eval.feature_extractor_weights={weights!r} is not a file")
+    return path
+
+
+def load_feature_extractor(spec: str, path: Path | None) -> nn.Module:
+    """The extractor on the CPU in eval mode, from the weights file `resolve_weights` found. Raises EvaluationError."""
+    from torch_fidelity.utils import create_feature_extractor
+
+    if path is not None and not path.is_file():
+        raise EvaluationError(
+            f"the feature extractor's weights {path} are not on this node; put them on a filesystem every "
+            "node sees and set eval.feature_extractor_weights to that path"
+        )
     kwargs = {"feature_extractor_weights_path": str(path)} if path is not None else {}
     try:
         # fork_rng: building the network draws its initial weights; the training RNG stays untouched
@@ -207,13 +234,25 @@ def load_feature_extractor(spec: str, weights: str | None) -> tuple[nn.Module, P
             f"cannot build feature extractor {spec!r}{where} ({reason}); a damaged or wrong weights file? "
             "Fetch it again (see the README, Evaluate)"
         ) from None
-    return extractor, path
+    return extractor
+
+
+@contextmanager
+def _full_fp32() -> Iterator[None]:
+    """No TF32 in matmuls and convolutions: cuDNN allows it by default, and the extractor's features
+    (and so FID) would then depend on the GPU. Restored afterwards: training may want TF32."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 @torch.no_grad()
 def extract(extractor: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Features of uint8 images, in full precision whatever autocast the caller is under."""
-    with torch.autocast(images.device.type, enabled=False):
+    """Features of uint8 images, in full precision (no autocast, no TF32) whatever the caller is under."""
+    with torch.autocast(images.device.type, enabled=False), _full_fp32():
         return extractor.convert_features_tuple_to_dict(extractor(images))
 
 
@@ -254,11 +293,15 @@ def compute_metrics(
 
 
 # ---- reference statistics: identity, dataset, cache --------------------------------------------
-def reference_identity(cfg: Config, weights: Path | None) -> dict[str, Any]:
-    """Everything the real-image statistics depend on; its hash names the cache file."""
+def reference_identity(cfg: Config, weights: Path | None, device: torch.device) -> dict[str, Any]:
+    """Everything the real-image statistics depend on; its hash names the cache file.
+
+    The device type is part of it: CPU and GPU kernels give slightly different features.
+    """
     data = cfg.data
     identity: dict[str, Any] = {
         "format": CACHE_FORMAT,
+        "device": torch.device(device).type,
         "source": data.source,
         "split": cfg.eval.split,
         "resolution": cfg.model.resolution,
@@ -326,6 +369,36 @@ def load_reference(path: Path, identity: dict) -> Reference | None:
         return None
 
 
+@torch.no_grad()
+def reference_statistics(
+    cfg: Config, extractor: nn.Module, weights: Path | None, device: torch.device, log: Callable[[str], None] = print
+) -> Reference:
+    """The real-image statistics for `cfg`: from the cache, or computed on `device` in this one process and cached.
+
+    One-time work of minutes on a large dataset: `trainer.prepare` does it before training starts,
+    where no collective waits for it.
+    """
+    identity = reference_identity(cfg, weights, device)
+    path = reference_path(cfg, identity)
+    found = load_reference(path, identity) if path.is_file() else None
+    if found is not None:
+        log(f"reference statistics: loaded {path}")
+        return found
+    start = time.perf_counter()
+    layers = layers_for(cfg.eval.feature_extractor)
+    dataset = reference_dataset(cfg)
+    extractor = extractor.to(device)
+    parts: dict[str, list[torch.Tensor]] = {}
+    for images in DataLoader(dataset, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers):
+        for name, f in extract(extractor, images.to(device)).items():
+            parts.setdefault(name, []).append(f.float().cpu())
+    features = {name: torch.cat(fs) for name, fs in parts.items()}
+    stats = fid_statistics(features[layers.fid])
+    save_reference(path, stats, features[layers.kid], identity)
+    log(f"reference statistics: {len(dataset)} real images in {time.perf_counter() - start:.0f}s, saved {path}")
+    return Reference(stats["mu"], stats["sigma"], features[layers.kid], path)
+
+
 # ---- the evaluator -----------------------------------------------------------------------------
 class Evaluator:
     """FID / IS / KID of a generator's weights. Collective: every rank builds it and calls `evaluate`.
@@ -337,10 +410,11 @@ class Evaluator:
         self.cfg, self.acc, self.log = cfg, accelerator, log
         ev = cfg.eval
         self.layers = layers_for(ev.feature_extractor)
-        extractor, self.weights = main_first(
-            accelerator, lambda: load_feature_extractor(ev.feature_extractor, ev.feature_extractor_weights)
+        # The main process finds (or downloads) the weights; every rank loads that same file.
+        self.weights = main_decides(
+            accelerator, lambda: resolve_weights(ev.feature_extractor, ev.feature_extractor_weights)
         )
-        self.extractor = extractor.to(accelerator.device)
+        self.extractor = load_feature_extractor(ev.feature_extractor, self.weights).to(accelerator.device)
         # A private full-precision generator: the one being trained may run under autocast (Accelerate
         # patches its forward), and evaluations during training and afterwards must see the same maths.
         model = cfg.model
@@ -348,55 +422,22 @@ class Evaluator:
         probe = torch.zeros(1, 3, model.resolution, model.resolution, dtype=torch.uint8, device=accelerator.device)
         self.dims = {name: f.shape[1] for name, f in extract(self.extractor, probe).items()}
         self._reference: Reference | None = None
-        self._reference_ready = False
 
     # -- real images
     def reference(self) -> Reference | None:
-        """Loads or computes (and caches) the real-image statistics. Collective; the main process gets them."""
-        if self._reference_ready:
-            return self._reference
-        cfg, acc = self.cfg, self.acc
-        identity: dict[str, Any] = {}
-        path = Path()
+        """The real-image statistics, on the main process (None on the others). Collective.
 
-        def cached() -> bool:  # the main process looks; the others only learn whether it found them
-            nonlocal identity, path
-            identity = reference_identity(cfg, self.weights)
-            path = reference_path(cfg, identity)
-            self._reference = load_reference(path, identity) if path.is_file() else None
-            return self._reference is not None
-
-        if main_decides(acc, cached):
-            if acc.is_main_process:
-                self.log(f"reference statistics: loaded {path}")
-        else:
-            start = time.perf_counter()
-            dataset = main_first(acc, lambda: reference_dataset(cfg))
-            features = self._real_features(dataset)
-            if acc.is_main_process:
-                stats = fid_statistics(features[self.layers.fid])
-                save_reference(path, stats, features[self.layers.kid], identity)
-                self._reference = Reference(stats["mu"], stats["sigma"], features[self.layers.kid], path)
-                self.log(
-                    f"reference statistics: {len(dataset)} real images in {time.perf_counter() - start:.0f}s, "
-                    f"saved {path}"
-                )
-        self._reference_ready = True
+        Normally prepared before training (`trainer.prepare`), so this only loads them; otherwise the
+        main process computes them here while the others wait.
+        """
+        if self._reference is None:
+            found = main_decides(
+                self.acc,
+                lambda: reference_statistics(self.cfg, self.extractor, self.weights, self.acc.device, self.log),
+            )
+            if self.acc.is_main_process:
+                self._reference = found
         return self._reference
-
-    def _real_features(self, dataset: Dataset) -> dict[str, torch.Tensor]:
-        acc, batch = self.acc, self.cfg.eval.batch_size
-        mine = rank_batches(len(dataset), batch, acc.process_index, acc.num_processes)
-        indices = [i for r in mine for i in r]
-        # Each of this rank's batches is full except possibly the very last of all, so batch_size-sized
-        # chunks of its index list are exactly its batches.
-        loader = DataLoader(Subset(dataset, indices), batch_size=batch, num_workers=self.cfg.data.num_workers)
-        parts: dict[str, list[torch.Tensor]] = {}
-        for images in loader:
-            for name, f in extract(self.extractor, images.to(acc.device)).items():
-                parts.setdefault(name, []).append(f)
-        local = {name: torch.cat(fs) for name, fs in parts.items()}
-        return gather_in_order(acc, indices, local, self.dims)
 
     # -- generated images
     @torch.no_grad()
@@ -404,6 +445,11 @@ class Evaluator:
         """Features of `eval.num_samples` images from `weights` (an unwrapped generator), gathered in order."""
         acc, ev, g = self.acc, self.cfg.eval, self.generator
         g.load_state_dict(weights.state_dict())
+        if acc.num_processes > 1:
+            # Without SyncBatchNorm each rank's running statistics are its own: generate with rank 0's
+            # everywhere, so the samples are those of the checkpoint (which holds rank 0's).
+            for buffer in g.buffers():
+                torch.distributed.broadcast(buffer, src=0)
         mine = rank_batches(ev.num_samples, ev.batch_size, acc.process_index, acc.num_processes)
         parts: dict[str, list[torch.Tensor]] = {}
         with torch.autocast(acc.device.type, enabled=False):

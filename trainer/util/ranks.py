@@ -10,9 +10,15 @@ same message, instead of the others waiting in a collective until its timeout.
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+import time
 from collections.abc import Callable
-from typing import TypeVar
+from datetime import timedelta
+from typing import Any, TypeVar
 
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
@@ -59,9 +65,60 @@ def main_decides(accelerator: Accelerator, decide: Callable[[], T]) -> T:
     return value  # type: ignore[return-value]
 
 
-def main_first(accelerator: Accelerator, work: Callable[[], T]) -> T:
-    """`work()` on the main process first, then on the others (which then find its results cached,
-    e.g. a download); an error on the main process stops every rank with that error."""
-    results: list[T] = []
-    main_decides(accelerator, lambda: results.append(work()))  # raises everywhere if the main process failed
-    return results[0] if accelerator.is_main_process else work()
+# ---- before the process group exists -------------------------------------------------------------
+WAIT_NOTE_EVERY_S = 60
+
+
+def _launch_store() -> dist.Store:
+    """The launcher's key-value store (torchrun's TCPStore, on MASTER_ADDR:MASTER_PORT).
+
+    Mirrors torch.distributed's own choice: with torchrun's agent store every process is a client;
+    otherwise rank 0 hosts it (multi-tenant, so the process group can share it later).
+    """
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    world = int(os.environ["WORLD_SIZE"])
+    hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and os.environ.get("RANK", "0") == "0"
+    return dist.TCPStore(host, port, world, is_master=hosts, timeout=timedelta(minutes=5), multi_tenant=True)
+
+
+def one_process_first(work: Callable[[], Any], *, name: str, per_node: bool = False) -> Any:
+    """`work()` on one process before the process group exists; every process returns its JSON-able result.
+
+    The worker is global rank 0, or with `per_node` each node's local rank 0 (for caches on node-local
+    disks). The others wait on the launcher's store: no collective is open, so no collective timeout
+    (NCCL's is 10 minutes) ends a preparation that takes longer. An error in `work` reaches every
+    waiting process within a second, with its message; a worker that dies outright ends the job
+    through the launcher, which stops all its processes.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return work()
+    node = os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", "0")) if per_node else "job"
+    run = os.environ.get("TORCHELASTIC_RUN_ID", "run")
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    key = f"dcgan-trainer/{name}/{run}/{attempt}/{node}"
+    worker = os.environ.get("LOCAL_RANK" if per_node else "RANK", "0") == "0"
+    store = _launch_store()
+    if worker:
+        try:
+            result = work()
+        except (UserError, RunError) as exc:
+            store.set(key, json.dumps({"error": str(exc), "exit_code": exc.exit_code}))
+            raise
+        except BaseException as exc:
+            store.set(key, json.dumps({"error": f"{type(exc).__name__}: {exc}", "exit_code": 1}))
+            raise
+        store.set(key, json.dumps({"result": result}))
+        return result
+    started = last_note = time.monotonic()
+    while not store.check([key]):
+        time.sleep(0.5)
+        if time.monotonic() - last_note > WAIT_NOTE_EVERY_S:
+            last_note = time.monotonic()
+            if os.environ.get("LOCAL_RANK") == "0":  # one line per node
+                print(f"waiting for {name} on another process ({time.monotonic() - started:.0f}s)", file=sys.stderr)
+    answer = json.loads(store.get(key))
+    if "error" in answer:
+        error = UserError(answer["error"]) if answer["exit_code"] == 2 else RunError(answer["error"])
+        error.exit_code = answer["exit_code"]
+        raise error
+    return answer["result"]
