@@ -27,7 +27,7 @@ from trainer.monitor.health import NonFinite, NonFiniteWatch
 from trainer.monitor.measurements import MetricMeter, append_metrics, host_metrics
 from trainer.monitor.run_lock import RunLock
 from trainer.monitor.stopping import StopRequest, exit_with_launcher
-from trainer.monitor.tracking import Tracker, choose_tracker
+from trainer.monitor.tracking import Tracker, TrackerChoice, choose_tracker
 from trainer.prepare import prepare_before_launch
 from trainer.quality.fid import Evaluator
 from trainer.util.atomic import write_text_atomic
@@ -52,12 +52,13 @@ def train(cfg: Config) -> RunSummary:
     """One training run. Before anything else, the main process takes the run directory's lock, and
     the run's one-time preparation happens before the process group exists (see trainer.prepare)."""
     run_dir = Path(cfg.run.dir)
+    tracking = choose_tracker(cfg)  # W&B online without credentials fails here, before anything is written
     lock = RunLock(run_dir)
     took_over = one_process_first(lambda: _take(lock), name="run-lock")  # only the main process holds it
     try:
         exit_with_launcher(on_exit=lock.release)
         prepared = prepare_before_launch(cfg)
-        return _train(cfg, run_dir, prepared, took_over)
+        return _train(cfg, run_dir, tracking, prepared, took_over)
     finally:
         lock.release()  # a no-op on processes that do not hold it
 
@@ -67,14 +68,15 @@ def _take(lock: RunLock) -> str | None:
     return lock.took_over.describe() if lock.took_over else None
 
 
-def _train(cfg: Config, run_dir: Path, prepared: dict[str, Any], took_over: str | None) -> RunSummary:
-    tracking = choose_tracker(cfg)
+def _train(
+    cfg: Config, run_dir: Path, tracking: TrackerChoice, prepared: dict[str, Any], took_over: str | None
+) -> RunSummary:
     accelerator = build_accelerator(cfg, tracking.accelerator_kwargs)
     use_sync_bn = check_against_hardware(cfg, accelerator)
     console = Console(accelerator)
     if took_over:
         console.print(f"warning: took over the run lock of a run that is gone ({took_over})")
-    tracker = Tracker(cfg, tracking, accelerator, console)  # W&B online without credentials fails here, before any data
+    tracker = Tracker(cfg, tracking, accelerator, console)
     console.config(to_dict(cfg), str(run_dir / "config.yaml"))
 
     checkpointer = Checkpointer(run_dir, accelerator, cfg.ckpt.keep)

@@ -79,6 +79,12 @@ if ((${SLURM_RESTART_COUNT:-0} > 0)) && compgen -G "$run_dir/checkpoints/step-*"
     log "requeued: resuming from the newest checkpoint in $run_dir/checkpoints (run.resume=auto)"
 fi
 
+# The run's one-time work (download, pack, scan for bad files, reference statistics), once, here:
+# inside the job it would keep the other ranks waiting in a collective (trainer/prepare.py). With
+# data.cache_per_node=true each node's first process then prepares its own node-local cache.
+log "preparing: python -m trainer.prepare $*"
+PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" python3 -m trainer.prepare "$@" || exit $?
+
 # srun starts one task per node; srun does not take --cpus-per-task from sbatch (Slurm >= 22.05).
 srun --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
     ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \

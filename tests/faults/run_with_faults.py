@@ -8,18 +8,24 @@ Test harness only. Each fault patches one library boundary, not the trainer's ow
                                gradient: the next losses are NaN.
   FAULT_FP16_SCALER=1          a real torch GradScaler on the CPU whose scale (2**126) overflows
                                every gradient, so the scaler skips steps as fp16 overflow does.
+  FAULT_SLOW_PREPARE_S=S       the dataset's one-time preparation takes S seconds longer, as a large
+                               folder on a network filesystem would.
+  FAULT_PREPARE_FAILS=1        the dataset's preparation fails with a DataError (a bad dataset).
 """
 
 import errno
 import os
 import sys
+import time
 
 import torch
 from accelerate import Accelerator
 
 import trainer.loop
+import trainer.prepare
 from trainer.core.step import GANStep
 from trainer.train import main
+from trainer.util.errors import DataError
 
 if "FAULT_SAVE_FAILS_AT_STEP" in os.environ:
     failing_dir = f"step-{int(os.environ['FAULT_SAVE_FAILS_AT_STEP']):08d}"
@@ -58,6 +64,17 @@ if os.environ.get("FAULT_FP16_SCALER"):
         return accelerator
 
     trainer.loop.build_accelerator = build_accelerator
+
+if "FAULT_SLOW_PREPARE_S" in os.environ or "FAULT_PREPARE_FAILS" in os.environ:
+    _prepare_data = trainer.prepare.prepare_data
+
+    def prepare_data(*args, **kwargs):
+        time.sleep(float(os.environ.get("FAULT_SLOW_PREPARE_S", "0")))
+        if os.environ.get("FAULT_PREPARE_FAILS"):
+            raise DataError("injected: the dataset is broken (FAULT_PREPARE_FAILS)")
+        return _prepare_data(*args, **kwargs)
+
+    trainer.prepare.prepare_data = prepare_data
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -98,6 +98,8 @@ def test_single_node_script_trains_the_smoke_config_with_two_processes(slurm_clu
     log = _log(work, job)
     assert "--num_machines 1 --machine_rank 0" in log and "--num_processes 2" in log, log
     assert "(8 per process x 2)" in log, log
+    assert "job.sh: preparing: python -m trainer.prepare" in log and "prepared in" in log, log  # before srun
+    assert log.index("prepared in") < log.index("--num_machines 1"), log
     assert "finished at step 128/128" in log, log
     assert "training exited with status 0" in log and "requeueing" not in log, log
     assert slurm_cluster.job_info(job)["Restarts"] == "0"

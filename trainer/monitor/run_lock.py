@@ -82,9 +82,11 @@ class RunLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.took_over: Owner | None = None  # the stale owner this lock replaced, if any
+        self._created_dir = False
 
     def acquire(self) -> RunLock:
         """Take the lock, or raise RunDirectoryBusy naming its live owner. Returns self."""
+        self._created_dir = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):  # a contender may rename a stale lock between our looks
             if self._create():
@@ -112,10 +114,16 @@ class RunLock:
         raise RunDirectoryBusy(f"could not take {self.path}: other runs keep taking it; start one run at a time")
 
     def release(self) -> None:
-        """Stop the heartbeat and remove the lock if it is still ours."""
+        """Stop the heartbeat and remove the lock if it is still ours; a run directory this lock
+        created and nothing else filled (a start that failed early) goes too."""
         self._stop.set()
         if self._read() == self.owner:
             self.path.unlink(missing_ok=True)
+            if self._created_dir:
+                try:
+                    self.path.parent.rmdir()
+                except OSError:  # not empty: the run wrote something
+                    pass
 
     def _create(self) -> bool:
         try:

@@ -115,12 +115,15 @@ class TrackerChoice:
     kind: str  # wandb | tensorboard | none
     reason: str
     accelerator_kwargs: dict[str, Any] = field(default_factory=dict)
+    mode: str | None = None  # W&B online | offline, on the main process (the one that logs)
 
 
 def choose_tracker(cfg: Config, environ: Mapping[str, str] = os.environ) -> TrackerChoice:
-    """The tracker of a training run. Raises ConfigError when the chosen one is not installed.
+    """The tracker of a training run, chosen before anything is written or read. Raises ConfigError when
+    the chosen one is not installed, TrackingError for W&B online mode without credentials.
 
-    Only training chooses one: evaluation and the benchmark build their Accelerator without it, so
+    The W&B mode is resolved where it is used, on the main process (global rank 0); the launcher
+    stops the other ranks when it fails. Only training chooses one: evaluation and the benchmark build their Accelerator without it, so
     evaluating a run that was trained with TensorBoard does not need TensorBoard.
     """
     tracker = cfg.log.tracker
@@ -140,7 +143,10 @@ def choose_tracker(cfg: Config, environ: Mapping[str, str] = os.environ) -> Trac
     if tracker == "tensorboard":  # writes to <logging_dir>/<project name>: <run.dir>/tensorboard
         kwargs = {"log_with": tracker, "project_config": ProjectConfiguration(logging_dir=cfg.run.dir)}
         return TrackerChoice("tensorboard", "log.tracker=tensorboard", kwargs)
-    return TrackerChoice("wandb", "log.tracker=wandb", {"log_with": tracker})
+    if environ.get("RANK", "0") != "0":
+        return TrackerChoice("wandb", "log.tracker=wandb", {"log_with": tracker})
+    mode, why = resolve_wandb_mode(cfg.log, environ)  # not "disabled": handled above
+    return TrackerChoice("wandb", why, {"log_with": tracker}, mode)
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -162,12 +168,10 @@ class Tracker:
         self.acc = accelerator
         self.console = console
         self.kind = choice.kind
-        self.mode: str | None = None  # W&B: online | offline
+        self.mode = choice.mode  # W&B: online | offline (main process)
         self.location: str | None = None  # for people: URL, offline directory or log directory
         self.sync_command: str | None = None  # offline W&B: how to upload
         self._why = choice.reason
-        if self.kind == "wandb":  # credentials are looked for where the main process runs
-            self.mode, self._why = main_decides(accelerator, lambda: resolve_wandb_mode(cfg.log))
 
     @property
     def active(self) -> bool:
