@@ -111,9 +111,8 @@ def markdown(meta: Mapping[str, Any], results: Sequence[Result]) -> str:
         ]
         for r in rows:
             f = r.figures
-            lines.append(
-                f"| {r.name} | {f['images_per_s']:.0f} | {f['ms_per_step']:.2f} | {f.get('gpu_mem_peak_GiB')} |"
-            )
+            peak = _fmt(f.get("gpu_mem_peak_GiB"))
+            lines.append(f"| {r.name} | {f['images_per_s']:.0f} | {f['ms_per_step']:.2f} | {peak} |")
     benches = [by_name[n] for n in ("bench_64", "bench_512") if n in by_name and by_name[n].figures]
     if benches:
         lines += ["", "## trainer.bench: ours against the classic loop", ""]
@@ -123,14 +122,14 @@ def markdown(meta: Mapping[str, Any], results: Sequence[Result]) -> str:
         ]
         for r in benches:
             f = r.figures
-            lines.append(
-                f"| {f.get('global_batch')} | {f.get('ours_images_per_s')} | {f.get('reference_images_per_s')} | "
-                f"{f.get('speedup_vs_reference')} | {f.get('ours_peak_memory_mb')} | {_fmt(f.get('bf16_matmul_tflops'))} |"
-            )
+            keys = ("global_batch", "ours_images_per_s", "reference_images_per_s", "speedup_vs_reference")
+            cells = [_fmt(f.get(k)) for k in (*keys, "ours_peak_memory_mb", "bf16_matmul_tflops")]
+            lines.append("| " + " | ".join(cells) + " |")
     full = by_name.get("full_run")
     if full and full.figures:
         f = full.figures
-        lines += ["", "## Full run (the classic recipe, 25 epochs)", ""]
+        recipe = "toy size, --tiny" if meta["tiny"] else "the classic recipe, 25 epochs"
+        lines += ["", f"## Full run ({recipe})", ""]
         lines.append(
             f"- {f.get('steps_done')} of {f.get('total_steps')} steps ({f.get('epochs_done')} epochs) in "
             f"{f.get('wall_s')}s end to end; training windows {f.get('train_s')}s at {f.get('images_per_s_overall')} img/s"

@@ -188,11 +188,10 @@ class Context:
     shared: str  # the run's work folder, shared by all checks (data, packed cache, compile cache)
     out: str  # the report folder: only what `export` puts there comes back from a GPU machine
     logs: str  # this check's log folder (archived into the report folder)
-    deadline: float  # time.time() after which the runner kills this check
+    deadline: float  # time.time() by which the check must be done (the runner kills it a moment later)
     result_path: str
     max_file_bytes: int  # per file in `out`
     env: dict[str, str]  # the environment commands run with
-    settings: dict[str, Any] = field(default_factory=dict)  # run-wide options (data source, ...)
     figures: dict[str, Any] = field(default_factory=dict)
     _commands: int = 0
 

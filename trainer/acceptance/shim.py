@@ -8,7 +8,10 @@
   the gradients fit, which is the path (skip counting, loss-scale logging) the check measures.
 - DCGAN_ACCEPTANCE_BACKEND: the process group backend of a multi-process launch. Accelerate picks NCCL
   on CUDA, and NCCL refuses two ranks on one GPU; gloo moves CUDA tensors through host memory and does
-  not mind, so one GPU can still run DDP and SyncBatchNorm with two ranks.
+  not mind, so one GPU can still run DDP and SyncBatchNorm with two ranks. Accelerate puts every rank
+  on cuda:(local rank % device count), i.e. all on cuda:0, but gives DDP device_ids=[local rank], so
+  rank 1's DDP would move its inputs to cuda:1; ACCELERATE_BYPASS_DEVICE_MAP=true (set here) makes it
+  pass no device_ids, and DDP then uses the module's own device.
 
 Both are Accelerate's own handlers (GradScalerKwargs, InitProcessGroupKwargs), appended to whatever
 the trainer passes when it builds its Accelerator; everything else is the trainer's entry point as is.
@@ -55,6 +58,8 @@ def install(environ: Mapping[str, str] = os.environ) -> None:
     from accelerate import Accelerator
 
     handlers = extra_handlers(environ)
+    if any(type(h).__name__ == "InitProcessGroupKwargs" for h in handlers):
+        os.environ["ACCELERATE_BYPASS_DEVICE_MAP"] = "true"  # DDP without device_ids: see the module docstring
     original = Accelerator.__init__
 
     def __init__(self: Accelerator, *args, **kwargs) -> None:
@@ -64,7 +69,8 @@ def install(environ: Mapping[str, str] = os.environ) -> None:
         print(
             f"{MARK} rank {self.process_index}/{self.num_processes} backend {self.state.backend} "
             f"distributed_type {self.distributed_type.value} device {self.device} "
-            f"mixed_precision {self.mixed_precision} grad_scaler_init_scale {scale}",
+            f"mixed_precision {self.mixed_precision} grad_scaler_init_scale {scale} "
+            f"bypass_device_map {os.environ.get('ACCELERATE_BYPASS_DEVICE_MAP', 'false')}",
             file=sys.stderr,
             flush=True,
         )
