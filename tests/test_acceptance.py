@@ -265,3 +265,16 @@ def test_tiny_cpu_run_reports_every_check(tmp_path):
     ]
     assert all((out / f).stat().st_size <= 16 * 2**20 for f in files)  # what the GPU tool hands back
     assert math.isfinite(run["train_s"]) and "| full_run | passed |" in (out / "report.md").read_text()
+
+
+def test_shim_backend_keeps_the_trainers_process_group_timeout():
+    """Accelerate takes one InitProcessGroupKwargs: the shim's backend must join the trainer's (dist.timeout_s)."""
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    from trainer.acceptance import shim
+
+    requested = shim.requested_fields({"DCGAN_ACCEPTANCE_BACKEND": "gloo", "WORLD_SIZE": "2"})
+    (merged,) = shim.merge_handlers([InitProcessGroupKwargs(timeout=timedelta(seconds=9))], requested)
+    assert (merged.backend, merged.timeout) == ("gloo", timedelta(seconds=9))

@@ -20,6 +20,7 @@ Every rank prints one "[acceptance shim]" line (backend, device, scaler) that th
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Mapping
@@ -39,31 +40,49 @@ BACKEND_ENV = "DCGAN_ACCEPTANCE_BACKEND"
 MARK = "[acceptance shim]"
 
 
-def extra_handlers(environ: Mapping[str, str]) -> list:
-    """The Accelerate handlers the environment asks for."""
+def requested_fields(environ: Mapping[str, str]) -> dict[type, dict]:
+    """The Accelerate handler kinds the environment asks for, with the fields it sets on each."""
     # Imported here, not at the top: the checks read this module's names and should not pay for torch.
     from accelerate.utils import GradScalerKwargs, InitProcessGroupKwargs
 
-    handlers: list = []
+    fields: dict[type, dict] = {}
     if environ.get(INIT_SCALE_ENV):
-        handlers.append(GradScalerKwargs(init_scale=float(environ[INIT_SCALE_ENV])))
+        fields[GradScalerKwargs] = {"init_scale": float(environ[INIT_SCALE_ENV])}
     # A backend only means something in a multi-process launch; alone, Accelerate would refuse it.
     if environ.get(BACKEND_ENV) and int(environ.get("WORLD_SIZE", "1")) > 1:
-        handlers.append(InitProcessGroupKwargs(backend=environ[BACKEND_ENV]))
-    return handlers
+        fields[InitProcessGroupKwargs] = {"backend": environ[BACKEND_ENV]}
+    return fields
+
+
+def extra_handlers(environ: Mapping[str, str]) -> list:
+    """The Accelerate handlers the environment asks for."""
+    return [kind(**fields) for kind, fields in requested_fields(environ).items()]
+
+
+def merge_handlers(trainers: list, requested: dict[type, dict]) -> list:
+    """The trainer's handlers with the requested fields set: Accelerate takes one handler of each kind, so a
+    kind the trainer passes too (its process-group timeout) keeps the trainer's other fields."""
+    merged = list(trainers)
+    for kind, fields in requested.items():
+        same = [i for i, h in enumerate(merged) if type(h) is kind]
+        if same:
+            merged[same[0]] = dataclasses.replace(merged[same[0]], **fields)
+        else:
+            merged.append(kind(**fields))
+    return merged
 
 
 def install(environ: Mapping[str, str] = os.environ) -> None:
     """Make every Accelerator built from now on take the extra handlers, and report what it became."""
     from accelerate import Accelerator
 
-    handlers = extra_handlers(environ)
-    if any(type(h).__name__ == "InitProcessGroupKwargs" for h in handlers):
+    requested = requested_fields(environ)
+    if any(kind.__name__ == "InitProcessGroupKwargs" for kind in requested):
         os.environ["ACCELERATE_BYPASS_DEVICE_MAP"] = "true"  # DDP without device_ids: see the module docstring
     original = Accelerator.__init__
 
     def __init__(self: Accelerator, *args, **kwargs) -> None:
-        kwargs["kwargs_handlers"] = [*(kwargs.get("kwargs_handlers") or []), *handlers]
+        kwargs["kwargs_handlers"] = merge_handlers(kwargs.get("kwargs_handlers") or [], requested)
         original(self, *args, **kwargs)
         scale = self.scaler.get_scale() if self.scaler is not None else None
         print(
