@@ -1,7 +1,7 @@
 """Draw a run's dashboard charts into one PNG, e.g. for docs or a report.
 
     pip install matplotlib   # not a dependency of the trainer
-    python docs/plot_run.py runs/dcgan docs/figures/dashboard.png
+    python docs/plot_run.py runs/dcgan_cifar10 docs/figures/dashboard.png
 
 Reads the run's `metrics.jsonl`, which holds the very rows its W&B run charts (tests/test_tracking.py
 checks that they match), its real grid and its newest fixed-noise grid.
@@ -55,7 +55,7 @@ def plot_run(run_dir: Path, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path, help="a run directory, e.g. runs/dcgan")
+    parser.add_argument("run_dir", type=Path, help="a run directory, e.g. runs/dcgan_cifar10")
     parser.add_argument("out", type=Path, help="the PNG to write")
     args = parser.parse_args()
     plot_run(args.run_dir, args.out)

@@ -52,6 +52,26 @@ def test_checkpoint_of_another_model_is_refused_and_nothing_is_touched(tmp_path)
     assert _snapshot(run_dir) == before
 
 
+def test_resume_with_a_changed_learning_rate_is_refused_unless_allowed(tmp_path):
+    run_dir = tmp_path / "run"
+    run_trainer(smoke_args(run_dir, "train.max_steps=10", "log.tracker=none"))
+    before = _snapshot(run_dir)
+    changed = smoke_args(run_dir, "train.max_steps=20", "log.tracker=none", "train.lr=1e-3")
+    proc = run_trainer(changed, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert "changes the training trajectory: train.lr: 0.0002 -> 0.001" in error
+    assert "also changed, allowed: train.max_steps: 10 -> 20" in error and "run.resume_changes=allow" in error
+    assert _snapshot(run_dir) == before  # refused before anything was written
+
+    proc = run_trainer([*changed, "run.resume_changes=allow"])
+    assert "with config changes (run.resume_changes=allow): train.max_steps: 10 -> 20; train.lr: 0.0002 -> 0.001" in (
+        proc.stdout
+    )
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-00000010'}" in proc.stdout
+    assert "finished at step 20/20" in proc.stdout
+
+
 def test_resume_never_refuses_a_directory_with_checkpoints(tmp_path):
     run_dir = tmp_path / "run"
     run_trainer(smoke_args(run_dir, "train.max_steps=10"))

@@ -30,7 +30,7 @@ from tests.test_training import _wait_for
 from tests.wandb_offline import offline_run_files, read_offline_run
 from trainer.core.checkpoint import TrainState
 from trainer.core.config import load_config
-from trainer.monitor import measurements, tracking
+from trainer.monitor import measurements, model_artifacts, tracking
 from trainer.util.errors import ConfigError, TrackingError
 
 STEP_METRICS = ("loss_D", "loss_G", "D(x)", "D(G(z))_before", "D(G(z))_after", "grad_norm_D", "grad_norm_G")
@@ -85,17 +85,27 @@ def _assert_rows_match_metrics_jsonl(run, run_dir: Path) -> None:
 @pytest.mark.slow
 def test_offline_run_holds_metrics_images_and_config_and_plain_log_has_no_control_sequences(tmp_path):
     run_dir = tmp_path / "run"
-    env = _env(tmp_path, SLURM_JOB_ID="4242")
+    env = _env(tmp_path, SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="2", SLURM_JOB_NAME="smoke-job")
     proc = _run(smoke_args(run_dir, "log.wandb_tags=[smoke,ci]"), env)  # 16 steps/epoch, 2 epochs
 
     (file,) = offline_run_files(run_dir)
     run = read_offline_run(file)
-    assert (run.project, run.name, run.group, run.tags) == ("dcgan-trainer", "smoke", "4242", ["smoke", "ci"])
+    # The run name tells runs apart: the config's name and the Slurm job.
+    assert (run.project, run.name, run.group, run.tags) == ("dcgan-trainer", "smoke-4242", "4242", ["smoke", "ci"])
     assert run.exit_code == 0
-    # The resolved config is the run config (plus how it was launched).
+    # The resolved config is the run config (plus how it was launched, and which Slurm job and attempt).
     resolved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
     assert {key: run.config[key] for key in resolved} == resolved
     assert run.config["launch"] == {"num_processes": 1, "device": "cpu"}
+    assert run.config["slurm"] == {
+        "job_id": "4242",
+        "array_job_id": None,
+        "array_task_id": None,
+        "job": "4242",
+        "restart_count": 2,
+        "job_name": "smoke-job",
+        "num_nodes": 1,
+    }
     # Charts use images seen as their x-axis.
     for section in ("train", "opt", "perf", "amp", "samples"):
         assert run.step_metrics[f"{section}/*"] == "images_seen"
@@ -268,7 +278,145 @@ def test_tensorboard_tracker_writes_the_same_scalars_and_images(tmp_path):
     assert [e.step for e in events.Images("samples/fixed_noise")] == [160]
 
 
+@pytest.mark.slow
+def test_summary_keeps_the_best_model_artifacts_hold_it_and_evaluate_adds_to_the_same_run(tmp_path):
+    from tests.test_evaluation import eval_overrides, run_module
+
+    run_dir = tmp_path / "run"
+    env = _env(tmp_path, SLURM_JOB_ID="4243", SLURM_ARRAY_JOB_ID="4240", SLURM_ARRAY_TASK_ID="3")
+    evaluation = [*eval_overrides(tmp_path / "cache"), "eval.num_samples=40", "eval.kid_subset_size=20"]
+    args = smoke_args(run_dir, "train.epochs=3", "eval.every_epochs=1", "log.wandb_artifacts=best", *evaluation)
+    _run(args, env)
+
+    (file,) = offline_run_files(run_dir)
+    run = read_offline_run(file)
+    assert run.name == "smoke-4240_3" and run.config["slurm"]["array_task_id"] == "3"  # an array task's name
+    evals = [m for m in read_metrics(run_dir) if "fid" in m]
+    assert [m["step"] for m in evals] == [16, 32, 48]
+    best = min(evals, key=lambda m: m["fid"])
+    # The run summary answers "which model is best": the lowest FID, its step and its checkpoint.
+    assert run.summaries["eval/fid"] == ["min", "last"] and run.summaries["eval/is_mean"] == ["max", "last"]
+    assert run.summary["eval/fid"] == {"min": best["fid"], "last": evals[-1]["fid"]}
+    assert run.summary["eval/kid_mean"]["min"] == min(m["kid_mean"] for m in evals)
+    assert run.summary["eval/is_mean"]["max"] == max(m["is_mean"] for m in evals)
+    record = json.loads((run_dir / "checkpoints" / "best.json").read_text())
+    assert (
+        (run.summary["best/fid"], run.summary["best/step"])
+        == (best["fid"], best["step"])
+        == (record["fid"], record["step"])
+    )
+    assert run.summary["best/checkpoint"] == str((run_dir / "checkpoints" / record["checkpoint"]).resolve())
+    assert run.summary["best/images_seen"] == best["step"] * 16
+    # log.wandb_artifacts=best: a model artifact for each new best, the last one the best checkpoint's.
+    improving = [m["step"] for i, m in enumerate(evals) if m["fid"] < min([e["fid"] for e in evals[:i]] or [math.inf])]
+    assert [a["metadata"]["step"] for a in run.artifacts] == improving
+    artifact = run.artifacts[-1]
+    assert artifact["name"] == f"generator-{run.run_id}" and artifact["type"] == "model"
+    assert "best" in artifact["aliases"] and f"step-{best['step']}" in artifact["aliases"]
+    assert (
+        set(artifact["files"]) == {"generator.safetensors", "config.yaml"}
+        and not artifact["files"]["config.yaml"]["ref"]
+    )
+    assert artifact["metadata"]["fid"] == best["fid"] and artifact["metadata"]["model"]["ngf"] == 8
+    assert not any("final" in a["aliases"] for a in run.artifacts)  # best only
+
+    # trainer.evaluate adds its row to this W&B run (its id is in the checkpoint), not to a new one.
+    proc = run_module("trainer.evaluate", [str(run_dir), "--best", *evaluation], env=env)
+    assert f"W&B: added to run {run.run_id} under eval/posthoc/" in proc.stdout
+    files = offline_run_files(run_dir)
+    assert len(files) == 2 and files[0] == file
+    evaluated = read_offline_run(files[1])
+    assert evaluated.run_id == run.run_id
+    (row,) = evaluated.rows_with("eval/posthoc/fid")
+    (report_file,) = (run_dir / "eval").glob("*.json")
+    report = json.loads(report_file.read_text())
+    assert row["eval/posthoc/fid"] == report["metrics"]["fid"] and row["images_seen"] == best["step"] * 16
+    assert row["_step"] == report["wandb"]["step"] > read_metrics(run_dir)[-1]["images_seen"]  # after every row
+    assert row["eval/posthoc/reports"]["_type"] == "table-file" and row["eval/posthoc/reports"]["nrows"] == 1
+
+
+@pytest.mark.slow
+def test_auto_mode_continues_offline_when_the_online_start_fails(tmp_path):
+    """Credentials but no W&B server (a compute node without network): warn, log offline, train."""
+    run_dir = tmp_path / "run"
+    env = _env(
+        tmp_path,
+        WANDB_MODE=None,
+        WANDB_API_KEY="k" * 40,
+        WANDB_BASE_URL="http://127.0.0.1:9",  # nothing listens there
+        WANDB_INIT_TIMEOUT="1",
+    )
+    args = smoke_args(run_dir, "train.max_steps=6", "log.wandb_artifacts=final", "log.wandb_artifact_storage=reference")
+    proc = _run(args, env)
+    warnings_ = [line for line in proc.stderr.splitlines() if "W&B could not start online" in line]
+    assert len(warnings_) == 1 and f"wandb sync {run_dir / 'wandb'}/offline-run-*" in warnings_[0]
+    assert "tracking: W&B offline (the online start failed" in proc.stdout
+    (file,) = offline_run_files(run_dir)
+    run = read_offline_run(file)
+    assert run.exit_code == 0 and run.rows_with("train/loss_D")
+    # log.wandb_artifacts=final with reference storage: the exported files, referenced where they are.
+    (artifact,) = run.artifacts
+    assert "final" in artifact["aliases"] and "step-6" in artifact["aliases"]
+    assert artifact["files"]["generator.safetensors"]["ref"] == (run_dir / "generator.safetensors").resolve().as_uri()
+
+
 # ---- units: mode resolution, credentials, host metrics -------------------------------------------
+
+
+def test_credentials_are_found_where_wandb_finds_them(tmp_path, monkeypatch):
+    import wandb
+
+    for key in list(os.environ):
+        if key.startswith("WANDB_") or key == "NETRC":
+            monkeypatch.delenv(key)
+    home = tmp_path / "home"
+    settings = home / ".config" / "wandb" / "settings"
+    settings.parent.mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+
+    def found() -> tuple[bool, bool]:
+        """(W&B's own lookup, the by-hand one for older wandb)"""
+        wandb.teardown()  # W&B reads its settings once per process
+        return tracking.wandb_credentials_found(), tracking.wandb_credentials_found(dict(os.environ))
+
+    try:
+        assert found() == (False, False)
+        # What `wandb login --host https://wandb.example.org` leaves: the host in W&B's settings file,
+        # the key in ~/.netrc under that host.
+        settings.write_text("[default]\nbase_url = https://wandb.example.org\n")
+        netrc = home / ".netrc"
+        netrc.write_text(f"machine wandb.example.org\n  login user\n  password {'k' * 40}\n")
+        netrc.chmod(0o600)
+        assert found() == (True, True)
+        settings.write_text("[default]\nbase_url = https://other.example.org\n")
+        assert found() == (False, False)  # a key for another host is no login for this one
+        settings.write_text(f"[default]\napi_key = {'k' * 40}\n")  # a key in the settings file
+        assert found() == (True, True)
+    finally:
+        wandb.teardown()
+
+
+def test_artifact_storage_references_files_on_a_shared_filesystem(tmp_path):
+    mounts = "\n".join(
+        [
+            "/dev/sda1 / ext4 rw 0 0",
+            "nfs01:/export/home /shared nfs4 rw 0 0",
+            "lustre@o2ib:/fs /lustre lustre rw 0 0",
+            "tmpfs /shared/tmp tmpfs rw 0 0",
+        ]
+    )
+    assert model_artifacts.storage("auto", Path("/shared/runs/x"), mounts) == (
+        "reference",
+        "run.dir is on a shared filesystem (nfs4)",
+    )
+    assert model_artifacts.storage("auto", Path("/lustre/u/runs/x"), mounts)[0] == "reference"
+    assert model_artifacts.storage("auto", Path("/shared/tmp/runs/x"), mounts)[0] == "upload"  # the longest mount wins
+    assert model_artifacts.storage("auto", Path("/home/u/runs/x"), mounts)[0] == "upload"
+    assert model_artifacts.storage("upload", Path("/shared/runs/x"), mounts)[0] == "upload"
+    assert model_artifacts.storage("reference", Path("/home/u/runs/x"), mounts)[0] == "reference"
+    assert tracking.run_display_name(load_config(None, ["run.name=a"]), {"SLURM_JOB_ID": "7"}) == "a-7"
+    assert tracking.run_display_name(load_config(None, ["run.name=a"]), {}) == "a"
 
 
 def _log(**overrides: str):

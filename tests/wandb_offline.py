@@ -61,6 +61,9 @@ class OfflineRun:
     config: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)  # one dict per W&B step, in order
     step_metrics: dict[str, str] = field(default_factory=dict)  # define_metric: name or glob -> its x-axis
+    summaries: dict[str, list[str]] = field(default_factory=dict)  # define_metric: name -> summary aggregates
+    summary: dict[str, Any] = field(default_factory=dict)  # the run summary as its last updates left it
+    artifacts: list[dict[str, Any]] = field(default_factory=list)  # logged artifacts: name, type, aliases, files
     exit_code: int | None = None
 
     def rows_with(self, key: str) -> list[dict[str, Any]]:
@@ -97,6 +100,19 @@ def read_offline_run(path: Path) -> OfflineRun:
         elif kind == "metric":
             m = record.metric
             run.step_metrics[m.name or m.glob_name] = m.step_metric
+            ops = [op for op in ("min", "max", "mean", "last", "first", "none") if getattr(m.summary, op, False)]
+            if ops:
+                run.summaries[m.name] = ops
+        elif kind == "summary":
+            for item in record.summary.update:
+                _set(run.summary, [item.key] if item.key else list(item.nested_key), json.loads(item.value_json))
+        elif kind == "artifact":
+            a = record.artifact
+            files = {entry.path: {"ref": entry.ref, "size": entry.size} for entry in a.manifest.contents}
+            metadata = json.loads(a.metadata) if a.metadata else {}
+            run.artifacts.append(
+                {"name": a.name, "type": a.type, "aliases": list(a.aliases), "files": files, "metadata": metadata}
+            )
         elif kind == "exit":
             run.exit_code = record.exit.exit_code
     return run

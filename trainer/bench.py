@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.core.config import Config, load_config
+from trainer.core.config import Config, load_config, program_name
 
 # What --ablate turns off, one at a time: each must show its worth in the table.
 ABLATIONS = {
@@ -234,7 +234,9 @@ def _cpu_name() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog=program_name("dcgan-bench", "python -m trainer.bench"), description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--config", help="YAML config (default: the classic recipe)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     parser.add_argument("--steps", type=int, default=30, help="measured steps (default 30)")

@@ -4,6 +4,9 @@ FID, Inception Score and KID of a checkpoint's generator (its EMA weights when i
 the settings it was trained with plus any overrides (e.g. eval.num_samples=50000). Prints a table
 and saves it as JSON and Markdown under `<run dir>/eval/`. Under `accelerate launch` every process
 generates and embeds its share of the samples; the result equals a one-process evaluation.
+
+When the checkpoint was trained with W&B, the results are also added to that W&B run (its id is in
+the checkpoint), under eval/posthoc/, not to a new run; `log.tracker=none` skips that.
 """
 
 from __future__ import annotations
@@ -17,17 +20,19 @@ from typing import Any
 
 from trainer.checkpoint_args import add_checkpoint_arguments, checkpoint_config
 from trainer.core.checkpoint import find_checkpoint, load_generator, run_dir_of
+from trainer.core.config import Config, program_name
 from trainer.core.runtime import build_accelerator
 from trainer.monitor.console import Console
+from trainer.monitor.tracking import POSTHOC, evaluation_target, log_evaluation
 from trainer.prepare import prepare_evaluation
 from trainer.quality.fid import Evaluator
 from trainer.util.errors import UserError
-from trainer.util.ranks import one_process_first
+from trainer.util.ranks import main_decides, one_process_first
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m trainer.evaluate",
+        prog=program_name("dcgan-evaluate", "python -m trainer.evaluate"),
         description="FID / IS / KID of a checkpoint's generator (EMA weights when present).",
         epilog="example: accelerate launch -m trainer.evaluate runs/dcgan_cifar10 eval.num_samples=50000",
     )
@@ -38,6 +43,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.num_samples=50000"
     )
     return parser.parse_intermixed_args(argv)  # options may come between the target and the overrides
+
+
+SETTINGS = ("feature_extractor", "num_samples", "seed", "split", "num_real", "kid_subsets")
+
+
+def _settings(cfg: Config) -> dict[str, Any]:
+    return {k: getattr(cfg.eval, k) for k in SETTINGS}
+
+
+def _same_evaluation(out: Path, checkpoint: Path, weights: str, cfg: Config) -> dict[str, Any] | None:
+    """The report saved at `out` if it evaluated this checkpoint's `weights` with these settings: the
+    scores are deterministic, so running it again would only repeat them."""
+    try:
+        report = json.loads(out.read_text())
+        same = (
+            Path(report["checkpoint"]).resolve() == checkpoint.resolve()
+            and report["weights"] == weights
+            and report["settings"] == _settings(cfg)
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return report if same else None
 
 
 def markdown_table(report: dict[str, Any]) -> str:
@@ -71,12 +98,20 @@ def main(argv: list[str] | None = None) -> int:
         if out.suffix != ".json":
             raise UserError(f"--out {args.out} must end in .json (a Markdown table is written beside it)")
         if out.exists() and not args.overwrite:
-            raise UserError(f"{out} exists; pass --overwrite to replace it, or --out <another file>.json")
+            saved = None if args.out else _same_evaluation(out, checkpoint, weights, cfg)  # default name only
+            if saved is None:
+                raise UserError(f"{out} exists; pass --overwrite to replace it, or --out <another file>.json")
+            if os.environ.get("RANK", "0") == "0":
+                print(
+                    markdown_table(saved) + f"\nalready evaluated with these settings: {out} (--overwrite to recompute)"
+                )
+            return 0
 
         # The reference statistics: computed once, before the process group, where no collective waits
         one_process_first(lambda: prepare_evaluation(cfg), name="prepare-evaluation")
         accelerator = build_accelerator(cfg)  # gloo on CPU, NCCL on GPUs, as in training
         console = Console(accelerator)
+        target = main_decides(accelerator, lambda: evaluation_target(cfg, checkpoint))  # W&B errors come first
         evaluator = Evaluator(cfg, accelerator, console.print)
         console.print(
             f"evaluating {checkpoint} ({weights} generator) on {accelerator.num_processes} process(es): "
@@ -90,18 +125,26 @@ def main(argv: list[str] | None = None) -> int:
                 "step": step,
                 "weights": weights,
                 "metrics": metrics,
-                "settings": {
-                    k: getattr(cfg.eval, k)
-                    for k in ("feature_extractor", "num_samples", "seed", "split", "num_real", "kid_subsets")
-                },
+                "settings": _settings(cfg),
                 "reference": str(evaluator.reference().path),
                 "processes": accelerator.num_processes,
             }
             table = markdown_table(report)
+            logged = log_evaluation(target, cfg, run_dir_of(checkpoint), report, out)
+            if logged:
+                report["wandb"] = logged  # its step: the next evaluation logs after it
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(report, indent=2) + "\n")
             out.with_suffix(".md").write_text(table)
             console.print(table + f"\nsaved {out} and {out.with_suffix('.md')}")
+            if logged:
+                sync = f"; upload with: wandb sync {run_dir_of(checkpoint) / 'wandb'}/offline-run-*"
+                console.print(
+                    f"W&B: added to run {logged['run_id']} under {POSTHOC}/ ({logged['location']})"
+                    + (sync if logged["mode"] == "offline" else "")
+                )
+            elif target.run_id is None:
+                console.print(f"W&B: not logged ({target.why})")
     except UserError as exc:
         if accelerator.is_main_process if accelerator else os.environ.get("RANK", "0") == "0":
             print(f"error: {exc}", file=sys.stderr)

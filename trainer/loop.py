@@ -163,6 +163,8 @@ def _train(
                 record = {**scores, "eval_weights": weights, "eval_num_samples": results["num_samples"]}
                 append_metrics(run_dir / "metrics.jsonl", state, {**record, "eval_s": results["eval_s"]}, None)
             tracker.log_metrics(scores, state)
+            if kept:
+                tracker.log_best(checkpointer.dir)  # W&B summary best/*, and the best artifact if asked
         console.print(
             f"eval step {state.step} epoch {state.epoch} | FID {scores['fid']:.3f} | "
             f"IS {scores['is_mean']:.3f} ± {scores['is_std']:.3f} | KID {scores['kid_mean']:.5f} ± "
@@ -282,6 +284,7 @@ def _train(
                 cfg.model,
                 state.step,
             )
+        tracker.log_weights(run_dir, state, final=state.step >= total_steps)  # log.wandb_artifacts=final|both
     elapsed = time.perf_counter() - start_time
     accelerator.wait_for_everyone()
     summary = RunSummary(

@@ -18,7 +18,6 @@ It takes the trainer's own arguments, so `python -m trainer.prepare <args>` prep
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -27,7 +26,7 @@ from typing import Any
 
 import torch
 
-from trainer.core.config import Config, evaluation_enabled, load_config
+from trainer.core.config import Config, evaluation_enabled, parse_args
 from trainer.core.data import prepare_data
 from trainer.quality.fid import load_feature_extractor, reference_statistics, resolve_weights
 from trainer.util.errors import UserError
@@ -66,16 +65,10 @@ def prepare_before_launch(cfg: Config, log: Callable[[str], None] = print) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m trainer.prepare",
-        description="Do a run's one-time work (download, pack, scan, reference statistics) before training.",
-        epilog="example: python -m trainer.prepare --config configs/dcgan_cifar10.yaml data.source=folder data.root=/data/imgs",
-    )
-    parser.add_argument("--config", help="the YAML file the training run will use")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="the training run's overrides")
-    args = parser.parse_intermixed_args(argv)
+    """The training command line's arguments (same --config, overrides, --help, --print-config)."""
     try:
-        prepare(load_config(args.config, args.overrides))
+        description = "Do a training run's one-time work (download, pack, scan, reference statistics) before it starts."
+        prepare(parse_args(argv, prog="python -m trainer.prepare", description=description))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

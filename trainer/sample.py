@@ -28,6 +28,7 @@ from PIL import Image
 
 from trainer.checkpoint_args import add_checkpoint_arguments, checkpoint_config
 from trainer.core.checkpoint import find_checkpoint, load_generator
+from trainer.core.config import program_name
 from trainer.core.data import to_uint8
 from trainer.quality.fid import latents
 from trainer.util.atomic import publish_dir, temporary_name, write_atomic
@@ -39,7 +40,7 @@ INTERPOLATION_FORMATS = (".png", ".gif")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m trainer.sample",
+        prog=program_name("dcgan-sample", "python -m trainer.sample"),
         description="Write samples of a checkpoint's generator: a PNG grid, an .npz of uint8 images, or a folder of PNGs.",
         epilog="example: python -m trainer.sample runs/dcgan_cifar10 --out samples.png --num 64 --seed 0",
     )

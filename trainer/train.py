@@ -1,5 +1,8 @@
 """Entry point: `accelerate launch trainer/train.py [--config FILE] [key=value ...]`.
 
+Also `accelerate launch -m trainer.train ...`, and in one process `python trainer/train.py`,
+`python -m trainer.train` or the console script `dcgan-train` (pyproject.toml). `--help` lists every
+config key with its default and meaning; `--print-config` prints the resolved config and exits.
 Reads the config, runs the loop, turns user errors into one line and exit code 2.
 """
 

@@ -35,6 +35,7 @@ import pickle
 import re
 import shutil
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ from accelerate.utils import load as accelerate_load
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from trainer.core.config import Config, ModelConfig, to_yaml
+from trainer.core.config import Config, ModelConfig, fixed_on_resume, to_dict, to_yaml
 from trainer.core.models import Generator
 from trainer.util.atomic import publish_dir, write_atomic, write_text_atomic
 from trainer.util.errors import CheckpointError, CheckpointWriteError
@@ -57,6 +58,7 @@ BEST = "best.json"
 CONFIG = "config.yaml"
 GENERATOR_FILE = "model.safetensors"  # Accelerate's name for the first prepared model: G (see loop.py)
 EMA_FILE = "generator_ema.safetensors"  # written by trainer.core.ema's save hook
+FINAL_GENERATOR = "generator.safetensors"  # the end-of-run export beside checkpoints/ (export_weights)
 FORMAT_VERSION = 1
 
 
@@ -374,6 +376,59 @@ def _check_compatible(path: Path, cfg: Config, precision: str) -> None:
             f"{path} was trained with train.batch_size={state.global_batch} but this run has {cfg.train.batch_size}; "
             "resuming mid-epoch needs the same global batch (set it back, or start a new run.dir)"
         )
+    _check_config_changes(path, OmegaConf.to_container(saved, resolve=True), cfg)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+RESUME_KEYS = ("run.resume", "run.resume_changes")  # how to resume, not what: never reported as changes
+
+
+def config_changes(saved: Mapping[str, Any], cfg: Config) -> list[tuple[str, Any, Any]]:
+    """(key, the checkpoint's value, this run's) for every key that differs, in schema order.
+
+    Keys only one side has (a config written before the key existed) are not compared.
+    """
+    old, new = _flatten(saved), _flatten(to_dict(cfg))
+    return [
+        (key, old[key], value)
+        for key, value in new.items()
+        if key in old and old[key] != value and key not in RESUME_KEYS
+    ]
+
+
+def _check_config_changes(path: Path, saved: Mapping[str, Any], cfg: Config) -> None:
+    """Print what a resume changes; refuse changes to trajectory keys unless run.resume_changes=allow.
+
+    Which keys change the trajectory (model, data, optimiser, precision, seed) is declared in the
+    schema (`fixed_on_resume`); schedule, logging, checkpoint and evaluation keys may change freely.
+    """
+    changes = config_changes(saved, cfg)
+    if not changes:
+        return
+
+    def listing(items: list[tuple[str, Any, Any]]) -> str:
+        return "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in items)
+
+    fixed = [change for change in changes if fixed_on_resume(change[0])]
+    free = [change for change in changes if not fixed_on_resume(change[0])]
+    if fixed and cfg.run.resume_changes != "allow":
+        also = f" (also changed, allowed: {listing(free)})" if free else ""
+        raise CheckpointError(
+            f"resuming {path} with a config that changes the training trajectory: {listing(fixed)}{also}. "
+            "Set them back to continue this run, start a new one (run.name=<new name>), or resume with the "
+            "changes anyway with run.resume_changes=allow"
+        )
+    allowed = " (run.resume_changes=allow)" if fixed else ""
+    print(f"resuming {path} with config changes{allowed}: {listing(changes)}", flush=True)
 
 
 # ---- what the tools read: a run's checkpoints and generators ---------------------------------------
@@ -421,8 +476,30 @@ def load_generator(checkpoint: Path, model: ModelConfig, raw: bool = False) -> t
     return generator.eval().requires_grad_(False), "ema" if use_ema else "raw"
 
 
-def export_weights(module: nn.Module, path: Path, model_cfg: ModelConfig, step: int) -> None:
-    """A safetensors file that needs no trainer to read; the model settings ride in its metadata."""
-    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+def _export_state(state: dict[str, Any], path: Path, model_cfg: ModelConfig, step: int) -> None:
     metadata = {"model": json.dumps(vars(model_cfg)), "step": str(step), "format": "pt"}
     write_atomic(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+
+
+def export_weights(module: nn.Module, path: Path, model_cfg: ModelConfig, step: int) -> None:
+    """A safetensors file that needs no trainer to read; the model settings ride in its metadata."""
+    _export_state({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, path, model_cfg, step)
+
+
+def generator_files(checkpoint: Path) -> dict[str, Path]:
+    """The checkpoint's generator weights under their exported names: generator.safetensors (G, as
+    Accelerate saved it) and generator_ema.safetensors when the run keeps an EMA."""
+    files = {FINAL_GENERATOR: checkpoint / GENERATOR_FILE}
+    if (checkpoint / EMA_FILE).is_file():
+        files[EMA_FILE] = checkpoint / EMA_FILE
+    return files
+
+
+def export_checkpoint_generators(checkpoint: Path, out_dir: Path, model_cfg: ModelConfig, step: int) -> dict[str, Path]:
+    """`generator_files` rewritten into `out_dir` in the format of the end-of-run export (model settings
+    in the metadata), so that every exported generator file reads the same way."""
+    exported = {}
+    for name, source in generator_files(checkpoint).items():
+        _export_state(load_file(str(source)), out_dir / name, model_cfg, step)
+        exported[name] = out_dir / name
+    return exported

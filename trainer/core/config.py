@@ -7,9 +7,13 @@ exceptions into one-line errors that name the key and the fix (``ConfigError``, 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
-from dataclasses import dataclass, field
+import shlex
+import sys
+import textwrap
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,102 +23,181 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from trainer.util.errors import ConfigError
 
 
+def setting(default: Any, help: str, *, fixed_on_resume: bool = False) -> Any:
+    """One config key: its default, what it means, and whether a resumed run may change it.
+
+    The help text is the one source of the key's meaning: `--help` lists it (`describe_keys`),
+    and the README's tables say the same. `fixed_on_resume` marks keys that change the training
+    trajectory (model, data, optimiser, precision, seed): resuming a checkpoint with a different
+    value is refused unless run.resume_changes=allow (`core/checkpoint.py`).
+    """
+    metadata = {"help": help, "fixed_on_resume": fixed_on_resume}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class RunConfig:
-    name: str = "dcgan"
-    dir: str = "runs/${run.name}"  # where the run writes: config, checkpoints, samples, weights
-    seed: int = 0
-    resume: str = "auto"  # auto | never | path to a checkpoint directory
+    name: str = setting("dcgan_cifar10", "run name; run.dir defaults to runs/<name>")
+    dir: str = setting("runs/${run.name}", "where the run writes: config, checkpoints, samples, weights")
+    seed: int = setting(
+        0, "weights init, data order, noise; every rank builds the same initial weights", fixed_on_resume=True
+    )
+    resume: str = setting(
+        "auto",
+        "auto (newest complete checkpoint in run.dir, else start), never (refuse if run.dir has checkpoints), "
+        "or a checkpoint directory",
+    )
+    resume_changes: Literal["refuse", "allow"] = setting(
+        "refuse",
+        "a resume whose config changes a trajectory key (marked *) from the checkpoint's: refuse (exit 2, "
+        "listing them) or allow",
+    )
 
 
 @dataclass
 class DataConfig:
-    source: Literal["cifar10", "folder", "fake"] = "cifar10"
-    root: str = "data/cifar10"
-    download: bool = True
-    num_workers: int = 2
-    fake_size: int = 1024  # number of images of the `fake` source
-    packed: bool = True  # decode once into a memory-mapped uint8 cache; false: classic per-sample PIL loading
-    cache_dir: str | None = None  # packed cache location; default $XDG_CACHE_HOME/dcgan-trainer/packed
-    bad_files: Literal["error", "skip"] = "error"  # unreadable files in a `folder` source: stop, or skip them
-    # true when data.cache_dir is on node-local disks: each node's first process then builds its own
-    # pack; false (default): one process builds it for the whole job on a filesystem all nodes share
-    cache_per_node: bool = False
+    source: Literal["cifar10", "folder", "fake"] = setting(
+        "cifar10",
+        "cifar10 (torchvision), folder (every image under data.root, e.g. an ImageFolder tree), fake (generated, for tests)",
+        fixed_on_resume=True,
+    )
+    root: str = setting("data/cifar10", "dataset directory", fixed_on_resume=True)
+    download: bool = setting(True, "let torchvision download CIFAR-10 into data.root")
+    num_workers: int = setting(2, "loader worker processes per rank")
+    fake_size: int = setting(1024, "images in the fake source", fixed_on_resume=True)
+    packed: bool = setting(
+        True,
+        "decode the dataset once into a memory-mapped uint8 cache and resize on the device; false: the classic "
+        "per-sample PIL loader",
+        fixed_on_resume=True,
+    )
+    cache_dir: str | None = setting(
+        None, "where packed datasets live; null: $XDG_CACHE_HOME/dcgan-trainer/packed (default ~/.cache/...)"
+    )
+    bad_files: Literal["error", "skip"] = setting(
+        "error", "unreadable files in a folder source: error (stop before training) or skip", fixed_on_resume=True
+    )
+    cache_per_node: bool = setting(
+        False,
+        "true when data.cache_dir is on node-local disks: each node's first process builds its own pack; "
+        "false: one process builds it for the whole job, on a filesystem every node sees",
+    )
 
 
 @dataclass
 class ModelConfig:
-    resolution: int = 64
-    nz: int = 100
-    ngf: int = 64
-    ndf: int = 64
+    resolution: int = setting(64, "image size, a power of two from 16 to 256", fixed_on_resume=True)
+    nz: int = setting(100, "latent size", fixed_on_resume=True)
+    ngf: int = setting(64, "generator width", fixed_on_resume=True)
+    ndf: int = setting(64, "discriminator width", fixed_on_resume=True)
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 64  # GLOBAL batch, split evenly over processes
-    epochs: int = 25
-    max_steps: int | None = None  # cap on optimizer steps (G and D each step once per step)
-    lr: float = 2e-4
-    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    batch_size: int = setting(64, "the GLOBAL batch, split evenly over processes", fixed_on_resume=True)
+    epochs: int = setting(25, "epochs to train")
+    max_steps: int | None = setting(None, "optional cap on optimizer steps (one D and one G update per step)")
+    lr: float = setting(2e-4, "Adam learning rate, both nets", fixed_on_resume=True)
+    betas: list[float] = setting([0.5, 0.999], "Adam betas, both nets", fixed_on_resume=True)
     # str, not Literal: YAML reads a bare `no` as false, which must still mean "no"
-    # auto: bf16 on GPUs that have it (compute capability 8.0+), fp16 on older GPUs, and on CPUs bf16
-    # only with AMX (elsewhere CPU bf16 is slower than fp32, so no)
-    mixed_precision: str = "auto"  # auto | no | fp16 | bf16
-    sync_bn: str = "auto"  # auto | true | false (YAML booleans accepted)
-    channels_last: bool = True  # NHWC models and batches (faster convolutions on CPU and GPU)
-    compile: bool = False  # torch.compile G and D (inductor); see docs/performance.md for when it pays
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"  # reduce-overhead: CUDA graphs
-    on_nonfinite: Literal["stop", "rollback"] = "stop"  # NaN/inf losses: stop, or reload the newest checkpoint
-    max_rollbacks: int = 3  # with on_nonfinite=rollback: give up (stop) after this many
-    # EMA of the generator's weights (e.g. 0.999), used for evaluation and samples; null or 0: off (classic)
-    ema_decay: float | None = None
+    mixed_precision: str = setting(
+        "auto",
+        "auto: bf16 on GPUs with compute capability 8.0+, fp16 on older GPUs, on CPUs bf16 only with AMX (else no, "
+        "since CPU bf16 is slower than fp32 without it); no; fp16 (GPU; grad scaler, skipped steps counted); bf16",
+        fixed_on_resume=True,
+    )
+    sync_bn: str = setting(
+        "auto",
+        "auto: SyncBatchNorm on multi-process CUDA runs, BatchNorm otherwise; true (CUDA only) / false",
+        fixed_on_resume=True,
+    )
+    channels_last: bool = setting(True, "NHWC models and batches (faster convolutions on CPU and GPU)")
+    compile: bool = setting(False, "torch.compile G and D (inductor, after the DDP wrap); see docs/performance.md")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = setting(
+        "default", "torch.compile mode; reduce-overhead adds CUDA graphs"
+    )
+    on_nonfinite: Literal["stop", "rollback"] = setting(
+        "stop", "NaN/inf losses: stop, or rollback to the newest checkpoint"
+    )
+    max_rollbacks: int = setting(3, "with on_nonfinite=rollback: give up (stop) after this many")
+    ema_decay: float | None = setting(
+        None,
+        "e.g. 0.999: keep an EMA of G's weights for grids, evaluation and sampling; null or 0: off (the classic recipe)",
+        fixed_on_resume=True,
+    )
 
 
 @dataclass
 class CkptConfig:
-    every_steps: int = 500
-    keep: int = 3
+    every_steps: int = setting(500, "checkpoint interval (also at every epoch end and on a clean stop)")
+    keep: int = setting(3, "complete checkpoints kept (the best one is kept besides)")
 
 
 @dataclass
 class LogConfig:
-    every_steps: int = 50
-    sample_every_steps: int = 500
-    sample_grid_size: int = 64  # images in each fixed-noise grid
-    tracker: Literal["wandb", "tensorboard", "none"] = "wandb"  # dashboards, from rank 0 (trainer/monitor/tracking.py)
-    wandb_project: str = "dcgan-trainer"
-    wandb_entity: str | None = None  # W&B user or team; default: the account's default entity
-    wandb_tags: list[str] = field(default_factory=list)
-    wandb_group: str | None = None  # default: $SLURM_JOB_ID when set
-    wandb_mode: Literal["auto", "online", "offline"] = "auto"  # auto: online with credentials, offline without
+    every_steps: int = setting(50, "console line, metrics.jsonl record and dashboard row")
+    sample_every_steps: int = setting(500, "fixed-noise grid interval (also at every epoch end)")
+    sample_grid_size: int = setting(64, "images in each fixed-noise grid")
+    tracker: Literal["wandb", "tensorboard", "none"] = setting(
+        "wandb", "dashboards from rank 0: wandb, tensorboard (needs pip install tensorboard), none"
+    )
+    wandb_project: str = setting("dcgan-trainer", "W&B project")
+    wandb_entity: str | None = setting(None, "W&B user or team; null: the account's default entity")
+    wandb_tags: list[str] = setting([], "W&B tags, e.g. log.wandb_tags=[baseline,bf16]")
+    wandb_group: str | None = setting(None, "W&B group; null: $SLURM_JOB_ID when set")
+    wandb_mode: Literal["auto", "online", "offline"] = setting(
+        "auto",
+        "auto (online with W&B credentials, offline without or when the online start fails), online, offline; "
+        "WANDB_MODE is used when this is auto",
+    )
+    wandb_artifacts: Literal["none", "best", "final", "both"] = setting(
+        "none",
+        "generator weights (and EMA) as W&B model artifacts: at each new best FID (alias best), at the end "
+        "(alias final), both, or none",
+    )
+    wandb_artifact_storage: Literal["auto", "upload", "reference"] = setting(
+        "auto",
+        "upload the artifact files, or reference them in place (file://, for a run.dir on a shared filesystem); "
+        "auto: reference on NFS, Lustre, GPFS, BeeGFS, CephFS and the like, upload otherwise",
+    )
 
 
 @dataclass
 class EvalConfig:
     """FID / IS / KID during training and in `python -m trainer.evaluate` (trainer/quality/fid.py)."""
 
-    every_epochs: int | None = 5  # evaluate every N epochs and at the end; null (with every_steps null): off
-    every_steps: int | None = None  # or every N steps
-    num_samples: int = 10000  # generated images per evaluation (50000 for the standard protocol)
-    batch_size: int = 250  # images per forward pass on each process (generation and features)
-    seed: int = 0  # latent i of every evaluation depends only on (eval.seed, i)
-    # a torch-fidelity feature extractor name, or module:Class of a registered FeatureExtractorBase subclass
-    feature_extractor: str = "inception-v3-compat"
-    feature_extractor_weights: str | None = None  # local weights file for clusters without internet
-    split: str = "train"  # real images to compare with: train | test (test: cifar10 only)
-    num_real: int | None = None  # real images in the reference statistics; null: the whole split
-    cache_dir: str | None = None  # reference statistics cache; null: $XDG_CACHE_HOME/dcgan-trainer or ~/.cache/...
-    kid_subsets: int = 100
-    kid_subset_size: int = 1000  # capped at the number of real and generated images
+    every_epochs: int | None = setting(
+        5, "evaluate every N epochs during training and at the last step; null (with every_steps null): never"
+    )
+    every_steps: int | None = setting(None, "or every N steps")
+    num_samples: int = setting(10000, "generated images per evaluation; 50000 for the standard protocol")
+    batch_size: int = setting(250, "images per forward pass on each process (generation and features)")
+    seed: int = setting(0, "the latents: sample i of every evaluation uses the same vector")
+    feature_extractor: str = setting(
+        "inception-v3-compat",
+        "a torch-fidelity extractor name, or module:Class of a torch_fidelity.FeatureExtractorBase subclass",
+    )
+    feature_extractor_weights: str | None = setting(
+        None, "a local weights file, for clusters without internet (see the README, Evaluate)"
+    )
+    split: str = setting("train", "real images to compare with: train (the training data) or test (cifar10 only)")
+    num_real: int | None = setting(None, "real images in the reference statistics, a seeded subset; null: all")
+    cache_dir: str | None = setting(
+        None, "reference statistics; null: $XDG_CACHE_HOME/dcgan-trainer/reference-stats (default ~/.cache/...)"
+    )
+    kid_subsets: int = setting(100, "KID subsets")
+    kid_subset_size: int = setting(1000, "images per KID subset (capped at the number of images)")
 
 
 @dataclass
 class DistConfig:
-    # Seconds a collective may wait before the process group gives up (NCCL's own default is 600).
     # One-time preparation happens outside collectives (trainer.prepare), so this only bounds waits
     # inside training: checkpoints, evaluation, stop checks.
-    timeout_s: int = 1800
+    timeout_s: int = setting(
+        1800, "seconds a collective may wait before the process group gives up (NCCL's own default is 600)"
+    )
 
 
 @dataclass
@@ -127,6 +210,34 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """A config key as the schema declares it (what `--help` lists)."""
+
+    key: str  # dotted: train.lr
+    default: Any
+    help: str
+    fixed_on_resume: bool
+
+
+def schema_keys(schema: type = Config, prefix: str = "") -> list[KeyInfo]:
+    """Every key of the schema, in declaration order, with its default and meaning."""
+    keys: list[KeyInfo] = []
+    for f in fields(schema):
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if is_dataclass(default):  # a section
+            keys.extend(schema_keys(type(default), f"{prefix}{f.name}."))
+        else:
+            fixed = bool(f.metadata.get("fixed_on_resume", False))
+            keys.append(KeyInfo(f"{prefix}{f.name}", default, f.metadata.get("help", ""), fixed))
+    return keys
+
+
+def fixed_on_resume(key: str) -> bool:
+    """Whether `key` (dotted) changes the training trajectory; keys the schema does not know are free."""
+    return any(info.key == key and info.fixed_on_resume for info in schema_keys())
 
 
 def user_cache_dir(kind: str) -> Path:
@@ -156,8 +267,16 @@ def _merge(base: DictConfig, layer: DictConfig, origin: str) -> DictConfig:
         raise ConfigError(f"bad value for '{key}' ({origin}): {_first_line(exc)}{hint}") from None
 
 
+ENV_OVERRIDES = "DCGAN_OVERRIDES"
+
+
 def load_config(config_file: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Schema defaults <- YAML file <- dotted overrides, validated. Raises ConfigError."""
+    """Schema defaults <- YAML file <- dotted overrides <- $DCGAN_OVERRIDES, validated. Raises ConfigError.
+
+    $DCGAN_OVERRIDES holds `key=value` overrides (shell-quoted, space-separated) applied after the
+    command line's, by every tool that reads a config: site-wide settings on a cluster, or the
+    README test's tiny settings (tests/test_readme.py).
+    """
     merged = OmegaConf.structured(Config)
     if config_file is not None:
         path = Path(config_file)
@@ -178,6 +297,17 @@ def load_config(config_file: str | None = None, overrides: list[str] | tuple[str
     except OmegaConfBaseException as exc:
         raise ConfigError(f"cannot parse overrides {list(overrides)}: {_first_line(exc)}") from None
     merged = _merge(merged, layer, "on the command line")
+    from_env = os.environ.get(ENV_OVERRIDES, "").strip()
+    if from_env:
+        try:
+            env_items = shlex.split(from_env)
+            bad = [item for item in env_items if "=" not in item or item.startswith("=")]
+            if bad:
+                raise ConfigError(f"${ENV_OVERRIDES}: '{bad[0]}' is not of the form key=value, e.g. train.epochs=5")
+            layer = OmegaConf.from_dotlist(env_items)
+        except (ValueError, OmegaConfBaseException) as exc:
+            raise ConfigError(f"cannot parse ${ENV_OVERRIDES}={from_env!r}: {str(exc).splitlines()[0]}") from None
+        merged = _merge(merged, layer, f"in ${ENV_OVERRIDES}")
     try:
         cfg: Config = OmegaConf.to_object(merged)  # resolves ${run.name} in run.dir
     except OmegaConfBaseException as exc:
@@ -294,13 +424,78 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
+def _format_default(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ",".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+def describe_keys(width: int = 118) -> str:
+    """Every config key with its default and meaning, from the schema: the body of `--help`."""
+    keys = schema_keys()
+    key_width = max(len(k.key) for k in keys) + 2
+    default_width = min(max(len(_format_default(k.default)) for k in keys), 20) + 2
+    indent = " " * (2 + key_width + default_width)
+    lines = ["config keys (key=value; * = fixed on resume unless run.resume_changes=allow):"]
+    section = None
+    for info in keys:
+        if info.key.split(".")[0] != section:
+            section = info.key.split(".")[0]
+            lines.append("")
+        default = _format_default(info.default)
+        head = f"  {info.key + ('*' if info.fixed_on_resume else ''):<{key_width}}{default:<{default_width}}"
+        if len(default) >= default_width:  # a long default gets its own line
+            lines.append(head.rstrip())
+            head = indent
+        wrapped = textwrap.wrap(info.help, width=max(width - len(indent), 40)) or [""]
+        lines.append(head + wrapped[0])
+        lines.extend(indent + more for more in wrapped[1:])
+    return "\n".join(lines)
+
+
+TRAIN_DESCRIPTION = (
+    "Train a DCGAN. One process as it stands; for several, use "
+    "`accelerate launch trainer/train.py ...` or `accelerate launch -m trainer.train ...`."
+)
+
+
+def build_parser(prog: str = "dcgan-train", description: str = TRAIN_DESCRIPTION) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="trainer/train.py",
-        description="Train a DCGAN. Settings: schema defaults <- --config YAML <- key=value overrides.",
-        epilog="example: accelerate launch trainer/train.py --config configs/dcgan_cifar10.yaml train.epochs=5",
+        prog=prog,
+        description=textwrap.fill(
+            f"{description} Settings: schema defaults (the classic recipe) <- --config YAML <- key=value "
+            f"overrides <- ${ENV_OVERRIDES}.",
+            width=100,
+        ),
+        epilog=describe_keys()
+        + "\n\nexamples:\n  dcgan-train --config configs/dcgan_cifar10.yaml train.epochs=5 --print-config\n"
+        "  accelerate launch --multi_gpu --num_processes 8 trainer/train.py --config configs/dcgan_cifar10.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", help="YAML file in configs/ (default: the schema defaults, the classic recipe)")
+    parser.add_argument("--config", help="YAML file, e.g. configs/dcgan_cifar10.yaml (default: the schema defaults)")
+    parser.add_argument(
+        "--print-config", action="store_true", help="resolve and validate the config, print it as YAML, exit"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4")
-    args = parser.parse_intermixed_args(argv)
-    return load_config(args.config, args.overrides)
+    return parser
+
+
+def program_name(console_script: str, otherwise: str) -> str:
+    """How --help names a tool: its console script (pyproject.toml) when run as one, else `otherwise`."""
+    return console_script if Path(sys.argv[0]).name == console_script else otherwise
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None, description: str = TRAIN_DESCRIPTION) -> Config:
+    """The config of a training command line. `--help` and `--print-config` print and exit 0 (SystemExit)."""
+    prog = prog or program_name("dcgan-train", "trainer/train.py")
+    args = build_parser(prog, description).parse_intermixed_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        if os.environ.get("RANK", "0") == "0":  # one copy under accelerate launch
+            print(to_yaml(cfg), end="", flush=True)
+        raise SystemExit(0)
+    return cfg

@@ -10,17 +10,29 @@ Everything is logged against the number of training images seen (W&B step, Tenso
 W&B x-axis), which stays comparable across batch sizes and process counts.
 
 W&B mode: `log.wandb_mode` if not `auto`, else the `WANDB_MODE` environment variable, else auto.
-  online   needs credentials (WANDB_API_KEY, or the ~/.netrc entry `wandb login` writes); without
-           them the run stops at start-up, before any data is read, with a one-line error.
+  online   needs credentials, found as W&B itself finds them (WANDB_API_KEY, an identity token,
+           the netrc entry `wandb login` or `wandb login --host URL` writes, an api_key in W&B's
+           settings file); without them the run stops at start-up, before any data is read.
   offline  writes <run.dir>/wandb/offline-run-*/, to upload later with `wandb sync`.
-  auto     online with credentials, offline (with a note on how to sync) without.
-A resumed run continues the same W&B run: its id is kept in every checkpoint's train state.
+  auto     online with credentials, offline (with a note on how to sync) without; if the online
+           start fails (no network on a compute node), a warning and offline.
+A resumed run continues the same W&B run: its id is kept in every checkpoint's train state, and
+`trainer.evaluate` adds its results to that run too (`log_evaluation`).
+
+What answers "which model is best": the run summary keeps the lowest FID and KID and the highest IS
+(`define_metric` summaries) and `best/fid`, `best/step`, `best/checkpoint` from the run's best.json;
+with `log.wandb_artifacts` the generator weights become model artifacts (monitor/model_artifacts.py).
 """
 
 from __future__ import annotations
 
+import configparser
+import json
 import netrc
 import os
+import secrets
+import string
+import tempfile
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,8 +43,16 @@ from urllib.parse import urlsplit
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, is_tensorboard_available, is_wandb_available
 
-from trainer.core.checkpoint import TrainState
+from trainer.core.checkpoint import (
+    CONFIG,
+    TRAIN_STATE,
+    TrainState,
+    export_checkpoint_generators,
+    generator_files,
+    read_best,
+)
 from trainer.core.config import Config, LogConfig, to_dict
+from trainer.monitor import model_artifacts
 from trainer.monitor.console import Console
 from trainer.util.errors import ConfigError, TrackingError
 from trainer.util.ranks import main_decides
@@ -63,29 +83,71 @@ SECTIONS = {
 }
 STEP_METRIC = "images_seen"
 WANDB_MODE_ALIASES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline"}
+# Run-summary aggregates: the best value of a quality metric, beside its last one.
+SUMMARIES = {"eval/fid": "min,last", "eval/kid_mean": "min,last", "eval/is_mean": "max,last"}
+POSTHOC = "eval/posthoc"  # trainer.evaluate's rows in the training run
+AUTO_ONLINE = "W&B credentials found"  # the reason of an auto choice of online: it may fall back to offline
+DEFAULT_WANDB_HOST = "https://api.wandb.ai"
 
 
-def wandb_credentials_found(environ: Mapping[str, str] = os.environ) -> bool:
-    """Whether `wandb.init` would find an API key without asking for one.
-
-    Hand-written because wandb has no public, non-prompting check (`wandb.login()` prompts on a
-    terminal); this mirrors where wandb looks: WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE, then the
-    netrc entry for the W&B host that `wandb login` writes.
-    """
+def _credentials_by_hand(environ: Mapping[str, str]) -> bool:
+    """Where W&B looks for credentials, for a wandb without its own non-prompting lookup (older than
+    `wandb.sdk.lib.wbauth`): WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE, the netrc entry for the host
+    (WANDB_BASE_URL, else the base_url `wandb login --host` saved in W&B's settings file), then an
+    api_key in that settings file."""
     if environ.get("WANDB_API_KEY") or environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    host = urlsplit(environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
-    path = Path(environ.get("NETRC") or Path(environ.get("HOME", "~"), ".netrc")).expanduser()
+    home = environ.get("HOME", "~")
+    settings_file = Path(environ.get("WANDB_CONFIG_DIR") or Path(home, ".config", "wandb"), "settings").expanduser()
+    settings = configparser.ConfigParser()
+    try:
+        settings.read(settings_file)
+    except configparser.Error:
+        pass
+    saved = settings["default"] if settings.has_section("default") else {}
+    host = urlsplit(environ.get("WANDB_BASE_URL") or saved.get("base_url") or DEFAULT_WANDB_HOST).netloc
+    path = Path(environ.get("NETRC") or Path(home, ".netrc")).expanduser()
     try:
         entry = netrc.netrc(path).authenticators(host)
     except (OSError, netrc.NetrcParseError):
-        return False
-    return bool(entry and entry[2])
+        entry = None
+    return bool(entry and entry[2]) or bool(saved.get("api_key"))
 
 
-def resolve_wandb_mode(log: LogConfig, environ: Mapping[str, str] = os.environ) -> tuple[str, str]:
-    """(online | offline | disabled, why) for log.tracker=wandb. Raises TrackingError for online without credentials."""
-    env_mode = environ.get("WANDB_MODE", "").strip().lower()
+def wandb_credentials_found(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether `wandb.init` would find credentials without asking for them.
+
+    With the process environment (`environ` None) W&B is asked itself, through the lookup `wandb.init`
+    uses (environment, netrc entry for the configured host, settings files; `wandb login --host`
+    included) without its prompt. An explicit `environ`, or a wandb without that lookup, gets
+    `_credentials_by_hand`, which follows the same places.
+    """
+    if environ is not None:
+        return _credentials_by_hand(environ)
+    try:
+        from wandb.errors import AuthenticationError
+        from wandb.sdk import wandb_setup
+        from wandb.sdk.lib import wbauth
+    except ImportError:
+        return _credentials_by_hand(os.environ)
+    try:
+        settings = wandb_setup.singleton().settings  # the settings files and WANDB_* variables
+        auth = wbauth.authenticate_session(
+            host=settings.base_url, source="dcgan-trainer", prompt=False, update_session=False
+        )
+    except AuthenticationError:  # found, but malformed: wandb.init will say what is wrong with it
+        return True
+    except Exception:  # noqa: BLE001  (a private API that may change: fall back to the same places by hand)
+        return _credentials_by_hand(os.environ)
+    return auth is not None
+
+
+def resolve_wandb_mode(log: LogConfig, environ: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """(online | offline | disabled, why) for log.tracker=wandb. Raises TrackingError for online without credentials.
+
+    `environ` None is the process environment (credentials asked of W&B itself).
+    """
+    env_mode = (os.environ if environ is None else environ).get("WANDB_MODE", "").strip().lower()
     if log.wandb_mode != "auto":
         mode, source = log.wandb_mode, f"log.wandb_mode={log.wandb_mode}"
     elif env_mode == "disabled":
@@ -95,17 +157,51 @@ def resolve_wandb_mode(log: LogConfig, environ: Mapping[str, str] = os.environ) 
     elif env_mode:
         raise TrackingError(f"WANDB_MODE={env_mode!r} is not one of online, offline, disabled; fix or unset it")
     elif wandb_credentials_found(environ):
-        return "online", "W&B credentials found"
+        return "online", AUTO_ONLINE
     else:
-        return "offline", "no W&B credentials found (WANDB_API_KEY or `wandb login`)"
+        return "offline", "no W&B credentials found (WANDB_API_KEY, `wandb login`, W&B settings)"
     if mode == "online" and not wandb_credentials_found(environ):
         # log.wandb_mode wins over WANDB_MODE, so only the config key fixes a config key
         offline = "log.wandb_mode=offline" + (" or WANDB_MODE=offline" if source.startswith("WANDB_MODE") else "")
         raise TrackingError(
             f"W&B online mode ({source}) needs credentials and none were found: run `wandb login` "
-            f"(or set WANDB_API_KEY), or log offline with {offline} and upload later with `wandb sync`"
+            f"(`wandb login --host URL` for a W&B server; or set WANDB_API_KEY), or log offline with {offline} "
+            "and upload later with `wandb sync`"
         )
     return mode, source
+
+
+def slurm_job(environ: Mapping[str, str] = os.environ) -> dict[str, Any] | None:
+    """The Slurm job this process runs in (for the run config and name), or None outside Slurm."""
+    job_id = environ.get("SLURM_JOB_ID")
+    if not job_id:
+        return None
+    array_job, array_task = environ.get("SLURM_ARRAY_JOB_ID"), environ.get("SLURM_ARRAY_TASK_ID")
+    return {
+        "job_id": job_id,
+        "array_job_id": array_job,
+        "array_task_id": array_task,
+        # an array task is known as <array job>_<task>, the name squeue and sacct show
+        "job": f"{array_job}_{array_task}" if array_job and array_task else job_id,
+        "restart_count": int(environ.get("SLURM_RESTART_COUNT") or 0),
+        "job_name": environ.get("SLURM_JOB_NAME"),
+        "num_nodes": int(environ.get("SLURM_JOB_NUM_NODES") or environ.get("SLURM_NNODES") or 1),
+    }
+
+
+def run_display_name(cfg: Config, environ: Mapping[str, str] = os.environ) -> str:
+    """The W&B run name: run.name, plus the Slurm job (array jobs: <array job>_<task>) when there is one."""
+    job = slurm_job(environ)
+    return f"{cfg.run.name}-{job['job']}" if job else cfg.run.name
+
+
+def new_run_id() -> str:
+    """A W&B run id (8 lowercase letters and digits, as wandb makes them), chosen before the run starts."""
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 @dataclass(frozen=True)
@@ -171,7 +267,10 @@ class Tracker:
         self.mode = choice.mode  # W&B: online | offline (main process)
         self.location: str | None = None  # for people: URL, offline directory or log directory
         self.sync_command: str | None = None  # offline W&B: how to upload
+        self.run_id: str | None = None
         self._why = choice.reason
+        self._cfg: Config | None = None
+        self._artifacts: tuple[str, str] = ("upload", "")  # (upload | reference, why)
 
     @property
     def active(self) -> bool:
@@ -182,52 +281,86 @@ class Tracker:
 
         Collective: every rank calls it and gets the W&B run id (None for other trackers), which the
         caller stores in the train state so that every checkpoint carries it. A new run also gets
-        the grid of real images, once.
+        the grid of real images, once; a run with a best checkpoint gets its best/* summary.
         """
         run_dir = Path(cfg.run.dir)
+        self._cfg = cfg
         run_id = state.tracker_run_id if continuing else None
         run_id = main_decides(self.acc, lambda: self._start_main(cfg, run_id, run_dir))
+        self.run_id = run_id
         if self.acc.is_main_process:
             self.console.print(self._describe(cfg, run_dir))
             if not continuing:
                 self.log_image("real", real_grid, state, "real training images, as the model sees them")
+            self._set_best_summary(run_dir / "checkpoints", read_best(run_dir / "checkpoints"))
         return run_id
 
+    def _init_wandb(self, cfg: Config, config: dict[str, Any], init: dict[str, Any]) -> None:
+        try:
+            self.acc.init_trackers(cfg.log.wandb_project, config=config, init_kwargs={"wandb": init})
+        except Exception:
+            self.acc.trackers = []  # Accelerate keeps a tracker whose start failed
+            raise
+
     def _start_main(self, cfg: Config, run_id: str | None, run_dir: Path) -> str | None:
-        config = {**to_dict(cfg), "launch": {"num_processes": self.acc.num_processes, "device": str(self.acc.device)}}
+        config: dict[str, Any] = {
+            **to_dict(cfg),
+            "launch": {"num_processes": self.acc.num_processes, "device": str(self.acc.device)},
+        }
+        job = slurm_job()
+        if job:
+            config["slurm"] = job  # job id, array id, restart count: which attempt of which job this is
         if self.kind == "tensorboard":
             self.acc.init_trackers("tensorboard", config=_flatten(config))
             self.location = str(run_dir / "tensorboard")
             return run_id
         if self.kind != "wandb":
             return run_id
+
         init: dict[str, Any] = {
-            "name": cfg.run.name,
+            "name": run_display_name(cfg),
             "dir": str(run_dir),  # <run.dir>/wandb/: next to the checkpoints it belongs to
             "mode": self.mode,
             "job_type": "train",
-            "group": cfg.log.wandb_group or os.environ.get("SLURM_JOB_ID") or None,
+            "group": cfg.log.wandb_group or (job or {}).get("job_id") or None,
             "tags": list(cfg.log.wandb_tags) or None,
+            # one id for an online attempt and its offline fallback
+            "id": run_id or new_run_id(),
         }
         if cfg.log.wandb_entity:
             init["entity"] = cfg.log.wandb_entity
         if run_id:
-            init.update(id=run_id, resume="allow")  # same run, steps keep increasing
+            init["resume"] = "allow"  # same run, steps keep increasing
         run_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self.acc.init_trackers(cfg.log.wandb_project, config=config, init_kwargs={"wandb": init})
+            self._init_wandb(cfg, config, init)
         except Exception as exc:  # network, permissions, a bad entity: wandb raises many kinds
-            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            raise TrackingError(
-                f"W&B could not start the run ({reason}); check `wandb login` and log.wandb_entity/project, "
-                "or log offline with log.wandb_mode=offline and upload later with `wandb sync`"
-            ) from None
+            if self._why != AUTO_ONLINE:
+                raise TrackingError(
+                    f"W&B could not start the run ({_first_line(exc)}); check `wandb login` and "
+                    "log.wandb_entity/project, or log offline with log.wandb_mode=offline and upload later "
+                    "with `wandb sync`"
+                ) from None
+            # log.wandb_mode=auto chose online because credentials exist; a compute node without a
+            # network is no reason to lose the run: log offline, to sync later.
+            self.mode, self._why = "offline", f"the online start failed: {_first_line(exc)[:160]}"
+            import wandb
+
+            wandb.teardown()  # the failed attempt still holds the run id in W&B's service
+            self._init_wandb(cfg, config, {**init, "mode": "offline"})
+            warnings.warn(
+                f"W&B could not start online ({_first_line(exc)[:200]}); logging offline instead "
+                f"(log.wandb_mode=auto). Upload later with: wandb sync {run_dir / 'wandb'}/offline-run-*",
+                stacklevel=2,
+            )
         run = self.acc.get_tracker("wandb", unwrap=True)
         # Charts use images seen as their x-axis, whatever the batch size or the number of processes.
         run.define_metric(STEP_METRIC)
         for section in sorted({*SECTIONS.values(), "samples"}):
             run.define_metric(f"{section}/*", step_metric=STEP_METRIC)
         run.define_metric("epoch", step_metric=STEP_METRIC)
+        for name, summary in SUMMARIES.items():  # the run summary keeps the best FID / KID / IS
+            run.define_metric(name, step_metric=STEP_METRIC, summary=summary)
         if run.offline:
             self.location = run.sync_dir
             # Every start of the run (resumes included) writes its own offline-run-* directory;
@@ -235,7 +368,85 @@ class Tracker:
             self.sync_command = f"wandb sync {run_dir / 'wandb'}/offline-run-*"
         else:
             self.location = run.url
+        self._artifacts = model_artifacts.storage(cfg.log.wandb_artifact_storage, run_dir)
         return run.id
+
+    # ---- which model is best: summary and artifacts (main process) ---------------------------------
+    def _set_best_summary(self, checkpoints: Path, best: dict[str, Any] | None) -> None:
+        """best/fid, best/step, best/images_seen, best/checkpoint in the W&B run summary, from best.json."""
+        if self.kind != "wandb" or not self.acc.is_main_process or best is None:
+            return
+        run = self.acc.get_tracker("wandb", unwrap=True)
+
+        def update() -> None:
+            run.summary["best/fid"] = best["fid"]
+            run.summary["best/step"] = best["step"]
+            run.summary["best/checkpoint"] = str((checkpoints / best["checkpoint"]).resolve())
+            if best.get("images_seen") is not None:
+                run.summary["best/images_seen"] = best["images_seen"]
+
+        self._guarded("updating the summary", update)
+
+    def log_best(self, checkpoints: Path) -> None:
+        """Main process, after a new best checkpoint was recorded in `checkpoints`/best.json: the
+        summary's best/*, and with log.wandb_artifacts=best|both its generator as an artifact."""
+        best = read_best(checkpoints)
+        if best is None or not self.active:
+            return
+        best = {**best, "images_seen": best["step"] * self._cfg.train.batch_size}
+        self._set_best_summary(checkpoints, best)
+        if self.kind == "wandb" and self._cfg.log.wandb_artifacts in ("best", "both"):
+            checkpoint = checkpoints / best["checkpoint"]
+            metadata = {"fid": best["fid"], "checkpoint": str(checkpoint.resolve()), "weights": best.get("weights")}
+            self._log_generator(checkpoint, best["step"], ["best", f"step-{best['step']}"], metadata, "best FID")
+
+    def log_weights(self, run_dir: Path, state: TrainState, final: bool) -> None:
+        """Main process, after the end-of-run export: with log.wandb_artifacts=final|both the exported
+        generator files as an artifact (alias final when training finished, step-<N> always)."""
+        if not (self.active and self.kind == "wandb" and self._cfg.log.wandb_artifacts in ("final", "both")):
+            return
+        files = {name: run_dir / name for name in ("generator.safetensors", "generator_ema.safetensors")}
+        files = {name: path for name, path in files.items() if path.is_file()}
+        aliases = (["final"] if final else []) + [f"step-{state.step}"]
+        self._log_generator(None, state.step, aliases, {"final": final}, "end of run", files)
+
+    def _log_generator(
+        self,
+        checkpoint: Path | None,
+        step: int,
+        aliases: list[str],
+        extra: dict[str, Any],
+        what: str,
+        files: dict[str, Path] | None = None,
+    ) -> None:
+        import wandb
+
+        cfg, run_dir = self._cfg, Path(self._cfg.run.dir)
+        how, why = self._artifacts
+        metadata = {
+            "model": vars(cfg.model),
+            "step": step,
+            "images_seen": step * cfg.train.batch_size,
+            "storage": how,
+            **extra,
+        }
+        description = f"DCGAN generator of run {cfg.run.name}, step {step} ({what}); files {how}ed ({why})"
+
+        def log() -> None:
+            with tempfile.TemporaryDirectory(prefix="dcgan-artifact-") as tmp:
+                chosen = files
+                if chosen is None and checkpoint is not None:
+                    chosen = (
+                        generator_files(checkpoint)
+                        if how == "reference"
+                        else export_checkpoint_generators(checkpoint, Path(tmp), cfg.model, step)
+                    )
+                chosen = {**(chosen or {}), CONFIG: (checkpoint or run_dir) / CONFIG}
+                artifact = model_artifacts.build(wandb, self.run_id, chosen, how, metadata, description)
+                run = self.acc.get_tracker("wandb", unwrap=True)
+                run.log_artifact(artifact, aliases=aliases)  # upload mode: the files are staged by now
+
+        self._guarded("logging a model artifact", log)
 
     def _describe(self, cfg: Config, run_dir: Path) -> str:
         if self.kind == "tensorboard":
@@ -312,3 +523,145 @@ class Tracker:
                 "logging an image",
                 lambda: tensorboard.log_images({key: pixels}, step=state.images_seen, dataformats="NHWC"),
             )
+
+
+# ---- trainer.evaluate: its results in the training run ---------------------------------------------
+@dataclass(frozen=True)
+class EvaluationTarget:
+    """Where `trainer.evaluate` logs: the checkpoint's W&B run (run_id None: nowhere, for `why`)."""
+
+    run_id: str | None
+    mode: str | None
+    why: str
+
+
+def evaluation_target(cfg: Config, checkpoint: Path) -> EvaluationTarget:
+    """Decided before the evaluation runs, so that a W&B problem (online without credentials) stops it
+    first. Raises TrackingError as training would."""
+    state = json.loads((checkpoint / TRAIN_STATE).read_text())
+    run_id = state.get("tracker_run_id")
+    if cfg.log.tracker != "wandb":
+        return EvaluationTarget(None, None, f"log.tracker={cfg.log.tracker}")
+    if not run_id:
+        return EvaluationTarget(None, None, "the checkpoint has no W&B run id (trained without W&B)")
+    if not is_wandb_available():
+        return EvaluationTarget(None, None, "wandb is not installed")
+    mode, why = resolve_wandb_mode(cfg.log)
+    if mode == "disabled":
+        return EvaluationTarget(None, None, why)
+    return EvaluationTarget(run_id, mode, why)
+
+
+def _next_wandb_step(run_dir: Path) -> int:
+    """A W&B step after every row the run has: its steps are images seen (metrics.jsonl holds the same
+    rows) plus the steps of earlier evaluations (their reports in eval/). W&B drops rows whose step is
+    not above the run's last one, offline ones included when they are synced."""
+    last = 0
+    try:
+        with open(run_dir / "metrics.jsonl") as fh:
+            for line in fh:
+                try:
+                    last = max(last, int(json.loads(line).get("images_seen", 0)))
+                except (ValueError, TypeError, AttributeError):
+                    continue
+    except OSError:
+        pass
+    for _, report in _reports(run_dir):
+        last = max(last, int((report.get("wandb") or {}).get("step") or 0))
+    return last + 1
+
+
+def _reports(run_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """(path, report) of every evaluation report in <run_dir>/eval/."""
+    reports = []
+    for path in sorted((run_dir / "eval").glob("*.json")):
+        try:
+            reports.append((path, json.loads(path.read_text())))
+        except (OSError, ValueError):
+            continue
+    return reports
+
+
+REPORT_COLUMNS = (
+    "checkpoint",
+    "step",
+    "weights",
+    "num_samples",
+    "num_real",
+    "fid",
+    "is_mean",
+    "is_std",
+    "kid_mean",
+    "kid_std",
+)
+
+
+def _report_row(report: Mapping[str, Any]) -> list[Any]:
+    metrics = report.get("metrics", {})
+    head = [Path(str(report.get("checkpoint", ""))).name, report.get("step"), report.get("weights")]
+    return head + [metrics.get(key) for key in REPORT_COLUMNS[3:]]
+
+
+def log_evaluation(
+    target: EvaluationTarget, cfg: Config, run_dir: Path, report: Mapping[str, Any], out: Path
+) -> dict[str, Any] | None:
+    """Main process: `trainer.evaluate`'s results as one row of the training run, under eval/posthoc/,
+    plotted at the checkpoint's images seen, with a table of every report in `<run_dir>/eval/`.
+
+    Returns {"run_id", "step", "mode", "location"} for the report, or None if nothing was logged (a
+    warning says why: an evaluation is never lost to a tracker problem).
+    """
+    if target.run_id is None:
+        return None
+    import wandb
+
+    state = json.loads((Path(report["checkpoint"]) / TRAIN_STATE).read_text())
+    images_seen = int(state["step"]) * int(state.get("global_batch") or cfg.train.batch_size)
+    init: dict[str, Any] = {
+        "id": target.run_id,
+        "resume": "allow",
+        "project": cfg.log.wandb_project,
+        "dir": str(run_dir),
+        "mode": target.mode,
+    }
+    if cfg.log.wandb_entity:
+        init["entity"] = cfg.log.wandb_entity
+    try:
+        try:
+            run = wandb.init(**init)
+        except Exception as exc:
+            if target.why != AUTO_ONLINE:
+                raise
+            warnings.warn(
+                f"W&B could not start online ({_first_line(exc)[:200]}); logging offline instead "
+                f"(log.wandb_mode=auto). Upload later with: wandb sync {run_dir / 'wandb'}/offline-run-*",
+                stacklevel=2,
+            )
+            wandb.teardown()  # the failed attempt still holds the run id in W&B's service
+            run = wandb.init(**{**init, "mode": "offline"})
+        run.define_metric(STEP_METRIC)
+        run.define_metric(f"{POSTHOC}/*", step_metric=STEP_METRIC)
+        for name, summary in SUMMARIES.items():
+            run.define_metric(name.replace("eval/", f"{POSTHOC}/"), step_metric=STEP_METRIC, summary=summary)
+        metrics = report["metrics"]
+        row: dict[str, Any] = {
+            f"{POSTHOC}/{key}": metrics[key] for key in ("fid", "is_mean", "is_std", "kid_mean", "kid_std")
+        }
+        row[f"{POSTHOC}/num_samples"] = metrics["num_samples"]
+        earlier = [_report_row(r) for path, r in _reports(run_dir) if path.resolve() != out.resolve()]
+        table = wandb.Table(columns=list(REPORT_COLUMNS), data=[*earlier, _report_row(report)])
+        row[f"{POSTHOC}/reports"] = table  # every report in <run dir>/eval/, this one last
+        row[STEP_METRIC] = images_seen
+        step = max(_next_wandb_step(run_dir), int(getattr(run, "step", 0) or 0))
+        run.log(row, step=step)
+        location = run.sync_dir if run.offline else run.url
+        mode = "offline" if run.offline else "online"
+        run.finish()
+    except Exception as exc:  # noqa: BLE001  (the report on disk is what matters)
+        warnings.warn(
+            f"could not add the evaluation to W&B run {target.run_id} ({type(exc).__name__}: {_first_line(exc)}); "
+            "the report is saved as usual",
+            stacklevel=2,
+        )
+        return None
+    return {"run_id": target.run_id, "step": step, "mode": mode, "location": str(location)}
