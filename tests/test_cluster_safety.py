@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from tests.conftest import REPO, SMOKE, _free_port, run_trainer, smoke_args, trainer_env, write_image_tree
 from trainer.core import runtime
 from trainer.core.checkpoint import TrainState, _check_compatible
-from trainer.core.config import load_config
+from trainer.core.config import load_config, to_yaml
 from trainer.core.models import Discriminator, Generator
 from trainer.core.step import GANStep
 from trainer.quality import fid
@@ -180,8 +180,7 @@ def test_resuming_into_fp16_from_another_precision_names_both(tmp_path):
     checkpoint = tmp_path / "step-00000010"
     checkpoint.mkdir()
     cfg = load_config(None, ["data.source=fake", "train.mixed_precision=fp16"])
-    (checkpoint / "config.yaml").write_text((REPO / "configs" / "smoke.yaml").read_text())
-    cfg.model = load_config(str(checkpoint / "config.yaml")).model
+    (checkpoint / "config.yaml").write_text(to_yaml(cfg))
     state = TrainState(step=10, global_batch=cfg.train.batch_size, precision="bf16")
     (checkpoint / "train_state.json").write_text(__import__("json").dumps(state.to_json()))
     with pytest.raises(CheckpointError, match="trained with precision bf16, and this run uses fp16"):
