@@ -45,7 +45,7 @@ from accelerate.utils import load as accelerate_load
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from trainer.core.config import Config, ModelConfig, fixed_on_resume, to_dict, to_yaml
+from trainer.core.config import Config, ModelConfig, fixed_on_resume, flatten, to_dict, to_yaml
 from trainer.core.models import Generator
 from trainer.util.atomic import publish_dir, write_atomic, write_text_atomic
 from trainer.util.errors import CheckpointError, CheckpointWriteError
@@ -379,16 +379,6 @@ def _check_compatible(path: Path, cfg: Config, precision: str) -> None:
     _check_config_changes(path, OmegaConf.to_container(saved, resolve=True), cfg)
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 RESUME_KEYS = ("run.resume", "run.resume_changes")  # how to resume, not what: never reported as changes
 
 
@@ -397,7 +387,7 @@ def config_changes(saved: Mapping[str, Any], cfg: Config) -> list[tuple[str, Any
 
     Keys only one side has (a config written before the key existed) are not compared.
     """
-    old, new = _flatten(saved), _flatten(to_dict(cfg))
+    old, new = flatten(saved), flatten(to_dict(cfg))
     return [
         (key, old[key], value)
         for key, value in new.items()

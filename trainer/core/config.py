@@ -13,6 +13,7 @@ import os
 import shlex
 import sys
 import textwrap
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -414,6 +415,17 @@ def _validate_eval(cfg: Config) -> None:
 
 def evaluation_enabled(cfg: Config) -> bool:
     return cfg.eval.every_epochs is not None or cfg.eval.every_steps is not None
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config (or any mapping) as dotted keys: {"train.lr": 0.0002, ...}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def to_yaml(cfg: Config) -> str:

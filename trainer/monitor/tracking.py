@@ -51,7 +51,7 @@ from trainer.core.checkpoint import (
     generator_files,
     read_best,
 )
-from trainer.core.config import Config, LogConfig, to_dict
+from trainer.core.config import Config, LogConfig, flatten, to_dict
 from trainer.monitor import model_artifacts
 from trainer.monitor.console import Console
 from trainer.util.errors import ConfigError, TrackingError
@@ -245,17 +245,6 @@ def choose_tracker(cfg: Config, environ: Mapping[str, str] = os.environ) -> Trac
     return TrackerChoice("wandb", why, {"log_with": tracker}, mode)
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            # TensorBoard's hparams take scalars and strings only
-            flat[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
-    return flat
-
-
 class Tracker:
     """The run's tracker. Construct it before any data is read: it checks the W&B credentials."""
 
@@ -311,7 +300,9 @@ class Tracker:
         if job:
             config["slurm"] = job  # job id, array id, restart count: which attempt of which job this is
         if self.kind == "tensorboard":
-            self.acc.init_trackers("tensorboard", config=_flatten(config))
+            # TensorBoard's hparams take scalars and strings only
+            hparams = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flatten(config).items()}
+            self.acc.init_trackers("tensorboard", config=hparams)
             self.location = str(run_dir / "tensorboard")
             return run_id
         if self.kind != "wandb":
