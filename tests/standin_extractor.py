@@ -13,8 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import trainer  # noqa: F401  (installs the torchvision import shim before torch_fidelity imports it)
+
 # isort: split
-from torch_fidelity import FeatureExtractorBase
+from torch_fidelity import FeatureExtractorBase  # after `trainer`, whose shim torchvision needs here
 
 
 class StandInExtractor(FeatureExtractorBase):

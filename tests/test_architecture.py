@@ -7,6 +7,7 @@ the last import circle closed), so a new module is checked without being listed 
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
@@ -101,3 +102,9 @@ def test_the_check_sees_a_cycle_and_an_upward_import(tmp_path, monkeypatch):
         assert "trainer.core.a -> trainer.loop" in str(exc)
     else:
         raise AssertionError("core importing the loop was not found")
+
+
+def test_config_and_errors_import_without_torch():
+    """Config errors, `--help` and job.sh's run-directory lookup stay instant: no torch behind them."""
+    code = "import sys, trainer.core.config, trainer.util.errors; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, timeout=60).returncode == 0

@@ -10,7 +10,8 @@ Layers, each importing only from the ones above it (docs/architecture.md has the
     entry points      train, prepare, evaluate, sample, bench, acceptance (python -m trainer.<name>)
 """
 
-from trainer.util import compat as _compat  # before anything imports torchvision: see that module
+from trainer.util import compat as _compat
 
+_compat.install()  # before anything imports torchvision: see that module
 __version__ = "0.1.0"
 del _compat

@@ -5,32 +5,50 @@ build of torch (e.g. `torch==2.13.0+cpu`, as CI installs), the ops library fails
 torchvision tolerates, except that `torchvision._meta_registrations` then registers a fake kernel
 for the missing `torchvision::nms` and `torchvision::qnms` ops and the import dies with "operator
 torchvision::nms does not exist". We use only torchvision's pure-Python parts (transforms, datasets,
-utils), so declaring the two ops' schemas (no kernel: calling them still fails loudly) is enough. With a
-matching torch/torchvision pair this module does nothing.
+utils), so declaring the two ops' schemas (no kernel: calling them still fails loudly) is enough.
+With a matching torch/torchvision pair nothing is declared.
+
+`install()` (called once, by `trainer/__init__.py`) puts a finder in front of the import system
+that does this just before the first `import torchvision`, wherever it comes from (our modules,
+torch-fidelity): importing the package costs nothing, and `trainer.core.config` stays free of torch.
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import sys
+from pathlib import Path
 
-import torch
-
-_library: torch.library.Library | None = None  # keeps the definition alive
+_declared: object | None = None  # the torch.library.Library holding the schemas, kept alive
 
 
-def ensure_importable() -> None:
-    global _library
+def declare_missing_ops() -> None:
+    """Load torchvision's C++ ops the way torchvision does; if they cannot load, declare the schemas
+    its meta registrations need. Loading the same library again later is a no-op."""
+    global _declared
+    spec = importlib.machinery.PathFinder.find_spec("torchvision")
+    libraries = sorted(Path(next(iter(spec.submodule_search_locations))).glob("_C.*")) if spec else []
+    if not libraries or _declared is not None:
+        return
+    import torch
+
     try:
-        import torchvision  # noqa: F401
-    except RuntimeError as exc:
-        if "torchvision::nms" not in str(exc) or _library is not None:
-            raise
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-        _library = torch.library.Library("torchvision", "DEF")
+        torch.ops.load_library(str(libraries[0]))
+    except OSError:  # undefined CUDA symbols: a CUDA-linked wheel beside a CPU-only torch
+        _declared = torch.library.Library("torchvision", "DEF")
         for op in ("nms", "qnms"):
-            _library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        import torchvision  # noqa: F401
+            _declared.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
 
 
-ensure_importable()
+class _BeforeTorchvision(importlib.abc.MetaPathFinder):
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name == "torchvision":
+            sys.meta_path.remove(self)
+            declare_missing_ops()
+        return None  # the regular finders import it
+
+
+def install() -> None:
+    if "torchvision" not in sys.modules and not any(isinstance(f, _BeforeTorchvision) for f in sys.meta_path):
+        sys.meta_path.insert(0, _BeforeTorchvision())
