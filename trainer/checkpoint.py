@@ -227,8 +227,11 @@ class Checkpointer:
         acc = self.accelerator
         decision = [False]
         if acc.is_main_process:
-            best = self.best()
-            decision[0] = math.isfinite(fid) and (best is None or fid < best["fid"])
+            best_fid = (self.best() or {}).get("fid")
+            # A record without a finite FID (NaN written by an older version, null, a string) is no
+            # best at all: `fid < nan` is always false and would block every later finite FID.
+            has_best = isinstance(best_fid, (int, float)) and math.isfinite(best_fid)
+            decision[0] = math.isfinite(fid) and (not has_best or fid < best_fid)
         broadcast_object_list(decision)
         if not decision[0]:
             return False
