@@ -13,6 +13,7 @@ from trainer.core.data import (
     build_dataloader,
     build_dataset,
     pil_to_uint8,
+    report_unreadable,
     to_model_input,
 )
 from trainer.util.errors import DataError
@@ -83,3 +84,22 @@ def test_loader_yields_full_global_batches():
     assert len(loader) == 4 and all(b.shape[0] == 16 for b in loader)
     with pytest.raises(DataError, match="fewer than one global batch"):
         build_dataloader(FakeImages(8, 16), global_batch=16, num_workers=0)
+
+
+def test_loader_shuffles_and_covers_the_dataset():
+    loader = build_dataloader(torch.arange(64), global_batch=16, num_workers=0)  # a dataset of its indices
+    order = torch.cat(list(loader))
+    assert sorted(order.tolist()) == list(range(64)) and order.tolist() != list(range(64))
+
+
+def test_unreadable_files_stop_the_run_unless_skipped(tmp_path):
+    bad = [(str(tmp_path / "a.png"), "empty file")]
+    with pytest.raises(
+        DataError, match="1 of 5 image files .* are unreadable: .*a.png \\(empty file\\); .*data.bad_files=skip"
+    ):
+        report_unreadable(bad, 5, tmp_path, "error", warn=False)
+    with pytest.warns(UserWarning, match="skipped \\(data.bad_files=skip\\)"):
+        report_unreadable(bad, 5, tmp_path, "skip", warn=True)
+    with pytest.raises(DataError, match="no readable image is left"):
+        report_unreadable(bad, 1, tmp_path, "skip", warn=False)
+    report_unreadable([], 5, tmp_path, "error", warn=False)  # nothing to report

@@ -12,7 +12,7 @@ from PIL import Image
 from tests.conftest import REPO, run_trainer, write_image_tree
 from trainer.core.config import DataConfig
 from trainer.core.data import build_dataloader, build_packed, pil_to_uint8, to_model_input
-from trainer.core.packed import PackedImages
+from trainer.core.packed import PackedImages, file_fingerprint
 
 
 def _cfg(root: Path, cache: Path) -> DataConfig:
@@ -60,6 +60,21 @@ def test_cache_is_reused_and_invalidated_by_changes(tmp_path):
     assert len(build_packed(_cfg(root, cache), resolution=32)) == 9
     assert not list(cache.glob(".tmp-*"))
     assert all(json.loads(m.read_text())["format_version"] == 1 for m in cache.glob("*.json"))
+
+
+def test_a_touched_file_alone_changes_the_key_and_rebuilds(tmp_path):
+    """Same name, same size, same bytes, a later modification time: the file may have been rewritten in
+    place (an image editor, rsync without --times), so the cache must not trust it."""
+    root, cache = write_image_tree(tmp_path / "imgs", 4, sizes=((32, 32),)), tmp_path / "cache"
+    first = build_packed(_cfg(root, cache), resolution=32)
+    files = first.listing.files
+    key = file_fingerprint(root, files)
+    image, before = files[1], files[1].stat()
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    assert image.stat().st_size == before.st_size
+    assert file_fingerprint(root, files) != key
+    rebuilt = build_packed(_cfg(root, cache), resolution=32)
+    assert rebuilt.path != first.path and torch.equal(rebuilt.__getitems__(range(4)), first.__getitems__(range(4)))
 
 
 def test_loader_yields_whole_uint8_batches_without_collate(tmp_path):

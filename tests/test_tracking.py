@@ -261,7 +261,7 @@ def test_terminal_gets_a_live_progress_display(tmp_path):
 
 @pytest.mark.slow
 def test_tensorboard_tracker_writes_the_same_scalars_and_images(tmp_path):
-    pytest.importorskip("tensorboard")  # optional: not a dependency of the project
+    # tensorboard is in the `test` extra (not a dependency of the trainer): a missing one fails here, not skips
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = tmp_path / "run"

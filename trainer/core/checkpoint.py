@@ -146,9 +146,12 @@ def read_best(directory: Path) -> dict[str, Any] | None:
     """
     try:
         record = json.loads((directory / BEST).read_text())
-        return record if math.isfinite(float(record["fid"])) else None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
         return None
+    # NaN (written by an older version), null or a string is no best at all: `fid < nan` is always
+    # false and would block every later finite FID.
+    fid = record.get("fid") if isinstance(record, dict) else None
+    return record if isinstance(fid, (int, float)) and math.isfinite(fid) else None
 
 
 class Checkpointer:
