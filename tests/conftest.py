@@ -27,6 +27,9 @@ def trainer_env() -> dict[str, str]:
         XDG_CACHE_HOME=str(Path(tempfile.gettempdir()) / "dcgan-trainer-test-cache"),  # packed data, statistics
     )
     env.pop("ACCELERATE_MIXED_PRECISION", None)
+    # This checkout first, for scripts run by path (tests/dist, tests/faults) and for `tests.*` modules
+    # named in configs (the stand-in extractor): sys.path[0] is then the script's folder, not the root.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     return env
 
 
