@@ -1,4 +1,4 @@
-"""`python -m trainer.evaluate <run dir or checkpoint> [--best] [--raw] [--out FILE] [key=value ...]`
+"""`python -m trainer.evaluate <run dir or checkpoint> [--best] [--raw] [--bn-stats running|batch] [--out FILE] [key=value ...]`
 
 FID, Inception Score and KID of a checkpoint's generator (its EMA weights when it has them), with
 the settings it was trained with plus any overrides (e.g. eval.num_samples=50000). Prints a table
@@ -17,6 +17,7 @@ from typing import Any
 
 from trainer.artifacts import add_checkpoint_arguments
 from trainer.errors import UserError
+from trainer.sample import add_bn_stats_argument
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -28,6 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_checkpoint_arguments(parser)
     parser.add_argument("--out", help="JSON file to write (default: <run dir>/eval/<checkpoint>-<ema|raw>-n<N>.json)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_bn_stats_argument(parser)
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.num_samples=50000"
     )
@@ -39,7 +41,7 @@ def markdown_table(report: dict[str, Any]) -> str:
     lines = [
         f"Checkpoint `{report['checkpoint']}` (step {report['step']}, {report['weights']} generator), "
         f"{m['num_samples']} generated vs {m['num_real']} real images ({report['settings']['split']} split), "
-        f"feature extractor `{report['settings']['feature_extractor']}`",
+        f"feature extractor `{report['settings']['feature_extractor']}`, {report['bn_stats']} BatchNorm statistics",
         "",
         "| metric | value | |",
         "|---|---|---|",
@@ -62,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         out = (
             Path(args.out)
             if args.out
-            else run_dir_of(checkpoint) / "eval" / f"{checkpoint.name}-{weights}-n{cfg.eval.num_samples}.json"
+            else run_dir_of(checkpoint)
+            / "eval"
+            / f"{checkpoint.name}-{weights}-n{cfg.eval.num_samples}{'-batchbn' if args.bn_stats == 'batch' else ''}.json"
         )
         if out.suffix != ".json":
             raise UserError(f"--out {args.out} must end in .json (a Markdown table is written beside it)")
@@ -78,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         evaluator = Evaluator(cfg, accelerator, console.print)
         console.print(
             f"evaluating {checkpoint} ({weights} generator) on {accelerator.num_processes} process(es): "
-            f"{cfg.eval.num_samples} samples, seed {cfg.eval.seed}"
+            f"{cfg.eval.num_samples} samples, seed {cfg.eval.seed}, {args.bn_stats} BN statistics"
         )
-        metrics = evaluator.evaluate(generator.to(accelerator.device))
+        metrics = evaluator.evaluate(generator.to(accelerator.device), args.bn_stats)
         if accelerator.is_main_process:
             step = json.loads((checkpoint / "train_state.json").read_text())["step"]
             report = {
@@ -94,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 },
                 "reference": str(evaluator.reference().path),
                 "processes": accelerator.num_processes,
+                "bn_stats": args.bn_stats,
             }
             table = markdown_table(report)
             out.parent.mkdir(parents=True, exist_ok=True)
