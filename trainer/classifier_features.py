@@ -1,7 +1,7 @@
 """An offline quality measure: a small CIFAR-10 classifier as a torch-fidelity feature extractor.
 
 Real FID needs the InceptionV3 weights, which machines without internet cannot fetch. This module
-trains a small convnet on the CIFAR-10 JPEG copy once (a few CPU minutes on one thread) and
+trains a small convnet on the CIFAR-10 JPEG copy once (about 9 minutes on one CPU thread) and
 registers it with torch-fidelity as `cifar10-classifier`: its penultimate features (global average
 pool, 256-d) feed the library's FID and KID maths, its logits the Inception Score's. The numbers are
 comparable with each other (same weights), never with published Inception FIDs.
@@ -81,7 +81,7 @@ def default_weights_path(recipe: Recipe | None = None) -> Path:
 class SmallConvNet(nn.Module):
     """Four 3x3 conv-BN-ReLU blocks at 32, 16, 8 and 4 pixels, global average pool, linear classifier.
 
-    About 15 MFLOP-MACs per image: ~1,600 training images/s on one CPU thread in bf16.
+    About 15 M multiply-adds per image: ~1,600 training images/s on one idle CPU thread in bf16 (measured).
     """
 
     def __init__(self, widths: tuple[int, ...] = Recipe.widths, num_classes: int = len(CLASSES)) -> None:

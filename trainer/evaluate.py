@@ -61,12 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = find_checkpoint(args.target, args.best)
         cfg = checkpoint_config(checkpoint, args.overrides)
         generator, weights = load_generator(checkpoint, cfg, args.raw)
+        mode = "-batchbn" if args.bn_stats == "batch" else ""  # never mistaken for (or replacing) the default table
         out = (
             Path(args.out)
             if args.out
-            else run_dir_of(checkpoint)
-            / "eval"
-            / f"{checkpoint.name}-{weights}-n{cfg.eval.num_samples}{'-batchbn' if args.bn_stats == 'batch' else ''}.json"
+            else run_dir_of(checkpoint) / "eval" / f"{checkpoint.name}-{weights}-n{cfg.eval.num_samples}{mode}.json"
         )
         if out.suffix != ".json":
             raise UserError(f"--out {args.out} must end in .json (a Markdown table is written beside it)")
