@@ -141,8 +141,13 @@ def _reference_dataset(cfg: Config):
     return [(transform(T.functional.to_pil_image(fake[i])), 0) for i in range(len(fake))]
 
 
-def run_reference(cfg: Config, warmup: int, steps: int) -> Result:
-    """The PyTorch DCGAN example's loop (examples/dcgan/main.py), kept as it is written there."""
+def build_reference(cfg: Config, num_workers: int = 2):
+    """The PyTorch DCGAN example's loop (examples/dcgan/main.py), kept as it is written there.
+
+    Returns (step(batch, i) -> dict of float losses, its DataLoader, netG, device); shared with
+    docs/compare_quality.py, which trains it to the end. `num_workers` changes no numbers (the
+    shuffle order comes from the main process's RNG).
+    """
     import torch.nn as nn
     import torch.optim as optim
 
@@ -151,7 +156,7 @@ def run_reference(cfg: Config, warmup: int, steps: int) -> Result:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.run.seed)
     dataloader = torch.utils.data.DataLoader(
-        _reference_dataset(cfg), batch_size=cfg.train.batch_size, shuffle=True, num_workers=2, drop_last=True
+        _reference_dataset(cfg), batch_size=cfg.train.batch_size, shuffle=True, num_workers=num_workers, drop_last=True
     )
     netG = Generator(cfg.model.nz, cfg.model.ngf, cfg.model.resolution).to(device)
     netG.apply(init_weights)
@@ -162,7 +167,7 @@ def run_reference(cfg: Config, warmup: int, steps: int) -> Result:
     optimizerG = optim.Adam(netG.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas))
     real_label, fake_label = 1.0, 0.0
 
-    def step(data, i: int) -> None:
+    def step(data, i: int) -> dict[str, torch.Tensor]:
         netD.zero_grad()
         real_cpu = data[0].to(device)
         batch_size = real_cpu.size(0)
@@ -183,7 +188,13 @@ def run_reference(cfg: Config, warmup: int, steps: int) -> Result:
         errG = criterion(output, label)
         errG.backward()
         optimizerG.step()
+        return {"loss_D": (errD_real + errD_fake).detach(), "loss_G": errG.detach()}
 
+    return step, dataloader, netG, device
+
+
+def run_reference(cfg: Config, warmup: int, steps: int) -> Result:
+    step, dataloader, _, device = build_reference(cfg)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds, flops = _time_steps(step, dataloader, device, warmup, steps)

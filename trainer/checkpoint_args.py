@@ -1,4 +1,4 @@
-"""The checkpoint arguments that `trainer.evaluate` and `trainer.sample` share: which checkpoint, which generator.
+"""The arguments that `trainer.evaluate` and `trainer.sample` share: which checkpoint, which generator, how it samples.
 
 The checkpoint layout itself (finding the newest intact or the best checkpoint, loading its
 generator) belongs to `trainer.core.checkpoint`; this module only turns command-line arguments into calls to it.
@@ -11,6 +11,7 @@ from pathlib import Path
 
 from trainer.core.checkpoint import CONFIG
 from trainer.core.config import Config, load_config
+from trainer.quality.fid import BN_STATS
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,3 +24,14 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
 def checkpoint_config(checkpoint: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """The config the checkpoint was trained with, plus `key=value` overrides (e.g. eval.num_samples=50000)."""
     return load_config(str(checkpoint / CONFIG), overrides)
+
+
+def add_bn_stats_argument(parser: argparse.ArgumentParser) -> None:
+    """`--bn-stats running|batch`, shared with trainer.evaluate."""
+    parser.add_argument(
+        "--bn-stats",
+        choices=BN_STATS,
+        default="running",
+        help="BatchNorm in G: running statistics (eval mode, default), or each batch's own statistics "
+        "(train mode, as the classic loop's grids; the stored running statistics are left untouched)",
+    )

@@ -1,4 +1,4 @@
-"""`python -m trainer.evaluate <run dir or checkpoint> [--best] [--raw] [--out FILE] [key=value ...]`
+"""`python -m trainer.evaluate <run dir or checkpoint> [--best] [--raw] [--bn-stats running|batch] [--out FILE] [key=value ...]`
 
 FID, Inception Score and KID of a checkpoint's generator (its EMA weights when it has them), with
 the settings it was trained with plus any overrides (e.g. eval.num_samples=50000). Prints a table
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint_args import add_checkpoint_arguments, checkpoint_config
+from trainer.checkpoint_args import add_bn_stats_argument, add_checkpoint_arguments, checkpoint_config
 from trainer.core.checkpoint import find_checkpoint, load_generator, run_dir_of
 from trainer.core.config import Config, program_name
 from trainer.core.runtime import build_accelerator
@@ -39,6 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_checkpoint_arguments(parser)
     parser.add_argument("--out", help="JSON file to write (default: <run dir>/eval/<checkpoint>-<ema|raw>-n<N>.json)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_bn_stats_argument(parser)
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.num_samples=50000"
     )
@@ -72,7 +73,7 @@ def markdown_table(report: dict[str, Any]) -> str:
     lines = [
         f"Checkpoint `{report['checkpoint']}` (step {report['step']}, {report['weights']} generator), "
         f"{m['num_samples']} generated vs {m['num_real']} real images ({report['settings']['split']} split), "
-        f"feature extractor `{report['settings']['feature_extractor']}`",
+        f"feature extractor `{report['settings']['feature_extractor']}`, {report['bn_stats']} BatchNorm statistics",
         "",
         "| metric | value | |",
         "|---|---|---|",
@@ -90,10 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = find_checkpoint(args.target, args.best)
         cfg = checkpoint_config(checkpoint, args.overrides)
         generator, weights = load_generator(checkpoint, cfg.model, args.raw)
+        mode = "-batchbn" if args.bn_stats == "batch" else ""  # never mistaken for (or replacing) the default table
         out = (
             Path(args.out)
             if args.out
-            else run_dir_of(checkpoint) / "eval" / f"{checkpoint.name}-{weights}-n{cfg.eval.num_samples}.json"
+            else run_dir_of(checkpoint) / "eval" / f"{checkpoint.name}-{weights}-n{cfg.eval.num_samples}{mode}.json"
         )
         if out.suffix != ".json":
             raise UserError(f"--out {args.out} must end in .json (a Markdown table is written beside it)")
@@ -115,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         evaluator = Evaluator(cfg, accelerator, console.print)
         console.print(
             f"evaluating {checkpoint} ({weights} generator) on {accelerator.num_processes} process(es): "
-            f"{cfg.eval.num_samples} samples, seed {cfg.eval.seed}"
+            f"{cfg.eval.num_samples} samples, seed {cfg.eval.seed}, {args.bn_stats} BN statistics"
         )
-        metrics = evaluator.evaluate(generator.to(accelerator.device))
+        metrics = evaluator.evaluate(generator.to(accelerator.device), args.bn_stats)
         if accelerator.is_main_process:
             step = json.loads((checkpoint / "train_state.json").read_text())["step"]
             report = {
@@ -128,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                 "settings": _settings(cfg),
                 "reference": str(evaluator.reference().path),
                 "processes": accelerator.num_processes,
+                "bn_stats": args.bn_stats,
             }
             table = markdown_table(report)
             logged = log_evaluation(target, cfg, run_dir_of(checkpoint), report, out)

@@ -12,12 +12,14 @@ great circle between them (slerp, which keeps Gaussian latents at a typical norm
 (one row per pair) or a *.gif (STEPS frames, each a grid of the pairs).
 
 Sample i is drawn from latent i of the seed, the same latent vector as sample i of
-`trainer.evaluate` with eval.seed equal to --seed.
+`trainer.evaluate` with eval.seed equal to --seed. `--bn-stats batch` samples with BatchNorm's batch
+statistics (G in train mode, as the classic loop's grids) instead of its running statistics.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import shutil
 import sys
 from pathlib import Path
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.checkpoint_args import add_checkpoint_arguments, checkpoint_config
+from trainer.checkpoint_args import add_bn_stats_argument, add_checkpoint_arguments, checkpoint_config
 from trainer.core.checkpoint import find_checkpoint, load_generator
 from trainer.core.config import program_name
 from trainer.core.data import to_uint8
@@ -54,6 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--nrow", type=int, default=8, help="images per grid row (default 8)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it is an existing file")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_bn_stats_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -84,9 +87,19 @@ def _check_output(args: argparse.Namespace) -> tuple[Path, str]:
 
 
 @torch.no_grad()
-def generate(generator: torch.nn.Module, z: torch.Tensor, device: str, batch: int = 256) -> torch.Tensor:
-    """uint8 images (N, 3, H, W) on the CPU."""
-    generator = generator.to(device).eval()
+def generate(
+    generator: torch.nn.Module, z: torch.Tensor, device: str, batch: int = 256, bn_stats: str = "running"
+) -> torch.Tensor:
+    """uint8 images (N, 3, H, W) on the CPU.
+
+    bn_stats `batch`: a copy of G in train mode normalises each batch of `batch` latents by its own
+    statistics (a grid of up to `batch` images is one batch, as in the classic loop). A copy, because
+    a train-mode forward updates the running statistics, and the caller's generator must keep them.
+    """
+    if bn_stats == "batch":
+        generator = copy.deepcopy(generator).to(device).train()
+    else:
+        generator = generator.to(device).eval()
     return torch.cat([to_uint8(generator(chunk.to(device))).cpu() for chunk in z.split(batch)])
 
 
@@ -146,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         nz = cfg.model.nz
         if args.interpolate is None:
             num = args.num or 64
-            write_samples(generate(generator, latents(args.seed, range(num), nz), args.device), out, kind, args.nrow)
+            images = generate(generator, latents(args.seed, range(num), nz), args.device, bn_stats=args.bn_stats)
+            write_samples(images, out, kind, args.nrow)
             what = f"{num} samples"
         else:
             from torch_fidelity.noise import batch_slerp_any
@@ -154,13 +168,17 @@ def main(argv: list[str] | None = None) -> int:
             num, steps = args.num or 8, args.interpolate
             start, end = latents(args.seed, range(num), nz), latents(args.seed, range(num, 2 * num), nz)
             z = torch.stack([batch_slerp_any(start, end, t) for t in torch.linspace(0, 1, steps).tolist()], dim=1)
-            frames = generate(generator, z.flatten(0, 1), args.device).unflatten(0, (num, steps))
+            frames = generate(generator, z.flatten(0, 1), args.device, bn_stats=args.bn_stats).unflatten(
+                0, (num, steps)
+            )
             write_interpolations(frames, out, kind, args.nrow)
             what = f"{num} interpolations of {steps} steps"
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    print(f"wrote {what} ({weights} generator of {checkpoint}, seed {args.seed}) to {out}")
+    print(
+        f"wrote {what} ({weights} generator of {checkpoint}, seed {args.seed}, {args.bn_stats} BN statistics) to {out}"
+    )
     return 0
 
 

@@ -6,7 +6,8 @@
   because that runs the whole evaluation in one process.
 - Feature extractors come from torch-fidelity's registry: `inception-v3-compat` (the TF-FID
   InceptionV3, the standard) by default, or `module:Class` of a `FeatureExtractorBase` subclass,
-  registered on first use (the tests use a small stand-in this way).
+  registered on first use (the tests use a small stand-in this way), or `cifar10-classifier`
+  (trainer/quality/classifier.py), an offline CIFAR-10 classifier for machines without the weights.
 - Generated images are quantized to uint8 exactly like real data before their features are taken.
 - Distributed: the `eval.num_samples` latents are cut into batches of `eval.batch_size`; rank r
   takes batches r, r + W, ... Latent i depends only on (eval.seed, i) and each batch is the same on
@@ -46,6 +47,7 @@ INCEPTION = "inception-v3-compat"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # the name torch-fidelity downloads it under
 INCEPTION_SHA256_PREFIX = "6726825d"
 CACHE_FORMAT = 1
+BN_STATS = ("running", "batch")  # how a generator's BatchNorm normalises when sampled: see generated_features
 
 
 @dataclass(frozen=True)
@@ -206,8 +208,11 @@ def resolve_weights(spec: str, weights: str | None) -> Path | None:
     """The extractor's weights file (downloading InceptionV3's if needed), or None for an extractor
     that brings its own. Decided once, on one process, and handed to the others: another node must
     not start a download of its own. Raises EvaluationError."""
-    _registered(spec)
-    path = inception_weights(weights) if spec == INCEPTION else (Path(weights).expanduser() if weights else None)
+    cls = _registered(spec)
+    # InceptionV3's file is downloaded; an extractor of ours may know its own default file (and what to
+    # say when it is missing): trainer.quality.classifier's `default_weights`.
+    default_weights = inception_weights if spec == INCEPTION else getattr(cls, "default_weights", None)
+    path = default_weights(weights) if default_weights else (Path(weights).expanduser() if weights else None)
     if path is not None and not path.is_file():
         raise EvaluationError(f"eval.feature_extractor_weights={weights!r} is not a file")
     return path
@@ -441,8 +446,15 @@ class Evaluator:
 
     # -- generated images
     @torch.no_grad()
-    def generated_features(self, weights: nn.Module) -> dict[str, torch.Tensor]:
-        """Features of `eval.num_samples` images from `weights` (an unwrapped generator), gathered in order."""
+    def generated_features(self, weights: nn.Module, bn_stats: str = "running") -> dict[str, torch.Tensor]:
+        """Features of `eval.num_samples` images from `weights` (an unwrapped generator), gathered in order.
+
+        bn_stats: `running` (eval mode) or `batch` (train mode: each batch of eval.batch_size latents
+        normalised by its own statistics, as the classic loop's grids are). Only the private copy's
+        running statistics change, and it is reloaded from `weights` every time.
+        """
+        if bn_stats not in BN_STATS:
+            raise EvaluationError(f"bn_stats={bn_stats!r} is not one of {', '.join(BN_STATS)}")
         acc, ev, g = self.acc, self.cfg.eval, self.generator
         g.load_state_dict(weights.state_dict())
         if acc.num_processes > 1:
@@ -450,6 +462,7 @@ class Evaluator:
             # everywhere, so the samples are those of the checkpoint (which holds rank 0's).
             for buffer in g.buffers():
                 torch.distributed.broadcast(buffer, src=0)
+        g.train(bn_stats == "batch")
         mine = rank_batches(ev.num_samples, ev.batch_size, acc.process_index, acc.num_processes)
         parts: dict[str, list[torch.Tensor]] = {}
         with torch.autocast(acc.device.type, enabled=False):
@@ -460,11 +473,11 @@ class Evaluator:
         local = {name: torch.cat(fs) for name, fs in parts.items()}
         return gather_in_order(acc, [i for r in mine for i in r], local, self.dims)
 
-    def evaluate(self, weights: nn.Module) -> dict[str, float]:
-        """FID, IS and KID of `weights`, the same on every rank. Collective."""
+    def evaluate(self, weights: nn.Module, bn_stats: str = "running") -> dict[str, float]:
+        """FID, IS and KID of `weights`, the same on every rank. Collective. `bn_stats`: see generated_features."""
         start = time.perf_counter()
         reference = self.reference()
-        generated = self.generated_features(weights)
+        generated = self.generated_features(weights, bn_stats)
 
         def score() -> dict[str, float]:
             ev = self.cfg.eval
