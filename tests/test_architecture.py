@@ -108,3 +108,9 @@ def test_config_and_errors_import_without_torch():
     """Config errors, `--help` and job.sh's run-directory lookup stay instant: no torch behind them."""
     code = "import sys, trainer.core.config, trainer.util.errors; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, timeout=60).returncode == 0
+
+
+def test_training_imports_without_torch_fidelity_or_wandb():
+    """They load on first use (an evaluation, a W&B run): a machine without them still trains."""
+    code = "import sys, trainer.loop, trainer.prepare; sys.exit(bool({'torch_fidelity', 'wandb'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, timeout=120).returncode == 0

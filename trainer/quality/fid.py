@@ -132,11 +132,18 @@ def gather_in_order(
 
 
 # ---- feature extractors ------------------------------------------------------------------------
+# Extractors of this package, imported (and so registered with torch-fidelity) on first use only: the
+# trainer runs without torch-fidelity until it evaluates.
+OUR_EXTRACTORS = {"cifar10-classifier": "trainer.quality.classifier"}
+
+
 def _registered(spec: str) -> type:
     """The torch-fidelity extractor class for a registry name or `module:Class` (registered here)."""
     from torch_fidelity import FeatureExtractorBase, register_feature_extractor
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+    if spec in OUR_EXTRACTORS and spec not in FEATURE_EXTRACTORS_REGISTRY:
+        importlib.import_module(OUR_EXTRACTORS[spec])  # registers itself
     if spec in FEATURE_EXTRACTORS_REGISTRY:
         return FEATURE_EXTRACTORS_REGISTRY[spec]
     if ":" not in spec:
