@@ -43,7 +43,7 @@ SELECTIONS = {
     "step": ["tests/test_step.py"],
     "checkpoint": [
         "tests/test_checkpoint.py",
-        "tests/test_metrics.py::test_best_checkpoint_survives_rotation_until_a_better_one_comes",
+        "tests/test_fid.py::test_best_checkpoint_survives_rotation_until_a_better_one_comes",
     ],
     "data": ["tests/test_data.py", "tests/test_packed.py", "tests/test_cifar10.py", "-m", "not slow"],
     "meter": ["tests/test_metric_meter.py", "-m", "not slow"],
