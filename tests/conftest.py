@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from trainer.acceptance.checks import launch_command as acceptance_launch_command
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "trainer" / "train.py"
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -34,34 +36,10 @@ def trainer_env() -> dict[str, str]:
 
 
 def launch_command(args: list[str], processes: int = 1, script: Path = TRAIN) -> list[str]:
+    """One process: the script itself; several: the acceptance tool's `accelerate launch` line (gloo on CPU)."""
     if processes == 1:
         return [sys.executable, str(script), *args]
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        str(script),
-        *args,
-    ]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return acceptance_launch_command(script, args, processes)
 
 
 def run_trainer(

@@ -223,3 +223,19 @@ def test_a_best_record_without_a_finite_fid_does_not_block_later_ones(tmp_path, 
     assert not run.checkpointer.keep_if_best(run.state, run.cfg, 130.0, {"weights": "ema"})  # worse: not kept
     assert run.checkpointer.keep_if_best(run.state, run.cfg, 110.0, {"weights": "ema"})
     assert run.checkpointer.best()["checkpoint"] == "step-00000006"
+
+
+def test_a_save_never_replaces_a_complete_checkpoint(tmp_path):
+    """The former `.superseded` copies: a second writer of the same step stops instead (the run lock
+    makes this unreachable, so reaching it is a bug to report, not a pile of copies to leave)."""
+    from trainer.util.errors import CheckpointWriteError
+
+    run = Run(tmp_path)
+    (existing,) = run.save(10)
+    before = {p.name: p.read_bytes() for p in existing.iterdir()}
+    other = Run(tmp_path)  # another writer: it has not saved step 10 itself
+    other.state.step = 10
+    with pytest.raises(CheckpointWriteError, match="step-00000010"):
+        other.checkpointer.save(other.state, other.cfg)
+    assert {p.name: p.read_bytes() for p in existing.iterdir()} == before
+    assert run.names() == ["step-00000010"]  # no copy, no temporary directory left

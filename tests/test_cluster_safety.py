@@ -22,7 +22,8 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from tests.conftest import REPO, SMOKE, _free_port, run_trainer, smoke_args, trainer_env, write_image_tree
+from tests.conftest import REPO, SMOKE, run_trainer, smoke_args, trainer_env, write_image_tree
+from trainer.acceptance.checks import free_port
 from trainer.core import runtime
 from trainer.core.checkpoint import TrainState, _check_compatible
 from trainer.core.config import load_config, to_yaml
@@ -101,7 +102,7 @@ def test_two_nodes_sharing_a_cache_build_one_pack_and_train_alike(tmp_path):
     (data.cache_per_node=true) into the same shared directory, started together: both race to publish."""
     images = write_image_tree(tmp_path / "images", 64, sizes=((32, 32),))
     cache = tmp_path / "cache"
-    port = _free_port()
+    port = free_port()
     args = smoke_args(
         tmp_path / "run",
         "train.max_steps=4",

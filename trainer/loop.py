@@ -228,8 +228,8 @@ def _train(
                 if problem:
                     recover(problem)
                     break  # the outer loop restarts from the restored state
-                if save_due or state.step % cfg.log.every_steps == 0:
-                    sync_skip_counts(to_state=True)  # a host sync, where the health check already paid one
+                if accelerator.scaler is not None and (save_due or state.step % cfg.log.every_steps == 0):
+                    sync_skip_counts(to_state=True)  # fp16 only: a host sync, at log and save steps
                 if stopping:
                     # Save before anything else: under torchrun, SIGTERM leaves 30 s until SIGKILL, so
                     # no evaluation and no upload may come between the signal and the checkpoint.
