@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,9 @@ def trainer_env() -> dict[str, str]:
         PYTHONUNBUFFERED="1",
         CUDA_VISIBLE_DEVICES="",  # these tests pin CPU behaviour (gloo, BatchNorm)
         XDG_CACHE_HOME=str(Path(tempfile.gettempdir()) / "dcgan-trainer-test-cache"),  # packed data, statistics
+        # Every multi-process run checks that the ranks call the same collectives with the same shapes:
+        # a mismatch is an error naming both calls, not a hang (trainer/core/runtime.py lets DDP start).
+        TORCH_DISTRIBUTED_DEBUG="DETAIL",
     )
     env.pop("ACCELERATE_MIXED_PRECISION", None)
     # This checkout first, for scripts run by path (tests/dist, tests/faults) and for `tests.*` modules
@@ -42,17 +46,27 @@ def launch_command(args: list[str], processes: int = 1, script: Path = TRAIN) ->
     return acceptance_launch_command(script, args, processes)
 
 
+def run_command(command: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """`command` in a session of its own; past `timeout` every process of it is killed and the test fails
+    with the output so far (a launcher's workers would otherwise keep the pipes open, and the test hang)."""
+    proc = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(
+            f"still running after {timeout:.0f}s (a hang?), killed\nstdout:\n{out[-4000:]}\nstderr:\n{err[-4000:]}"
+        ) from None
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
 def run_trainer(
     args: list[str], processes: int = 1, timeout: float = 300, script: Path = TRAIN, check: bool = True
 ) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        launch_command(args, processes, script),
-        cwd=REPO,
-        env=trainer_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    proc = run_command(launch_command(args, processes, script), trainer_env(), timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
     return proc

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, launch_command, read_metrics, run_trainer, smoke_args, trainer_env
+from tests.conftest import REPO, launch_command, read_metrics, run_command, run_trainer, smoke_args, trainer_env
 from trainer.core.checkpoint import EMA_FILE
 from trainer.evaluate import main as evaluate_main
 from trainer.quality import fid
@@ -43,9 +43,7 @@ def run_module(module: str, args: list[str], processes: int = 1, env: dict | Non
         command = [sys.executable, "-m", module, *args]
     else:  # launch_command puts its script argument where `-m` belongs
         command = launch_command([module, *args], processes, script=Path("-m"))
-    proc = subprocess.run(
-        command, cwd=REPO, env={**trainer_env(), **(env or {})}, capture_output=True, text=True, timeout=300
-    )
+    proc = run_command(command, {**trainer_env(), **(env or {})}, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
     return proc

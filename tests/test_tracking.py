@@ -25,7 +25,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import REPO, SMOKE, launch_command, read_metrics, smoke_args, trainer_env
+from tests.conftest import REPO, SMOKE, launch_command, read_metrics, run_command, smoke_args, trainer_env
 from tests.test_training import _wait_for
 from tests.wandb_offline import offline_run_files, read_offline_run
 from trainer.core.checkpoint import TrainState
@@ -56,9 +56,7 @@ def _env(tmp_path: Path, **settings: str | None) -> dict[str, str]:
 
 
 def _run(args: list[str], env: dict[str, str], processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        launch_command(args, processes), cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
+    proc = run_command(launch_command(args, processes), env, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
     return proc

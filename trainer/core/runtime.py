@@ -43,8 +43,32 @@ def resolve_precision(requested: str) -> str:
     return "bf16" if cpu_has_amx() else "no"
 
 
+class _DDPLoggerWithoutConstructionLog(torch.distributed.Logger):
+    """DDP's usage logger, minus the construction-time record that crashes under gloo debugging.
+
+    With TORCH_DISTRIBUTED_DEBUG=DETAIL, torch wraps the gloo backend in a ProcessGroupWrapper (which
+    checks that ranks call the same collectives with the same shapes), and DDP's construction log
+    casts that wrapper to ProcessGroupGloo to read its thread count: a segmentation fault in every
+    DDP constructor (torch 2.13, CPU). The record is telemetry only; everything else is torch's.
+    """
+
+    def set_construction_data_and_log(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def allow_ddp_collective_checks() -> None:
+    """Let DDP start under TORCH_DISTRIBUTED_DEBUG=DETAIL on gloo (see the class above); a no-op otherwise."""
+    if (
+        not torch.cuda.is_available()
+        and torch.distributed.is_available()
+        and torch.distributed.get_debug_level() == torch.distributed.DebugLevel.DETAIL
+    ):
+        torch.distributed.Logger = _DDPLoggerWithoutConstructionLog  # DDP builds its logger from here
+
+
 def build_accelerator(cfg: Config, tracker_kwargs: Mapping[str, Any] | None = None) -> Accelerator:
     """The run's Accelerator; `tracker_kwargs` (log_with, ...) from `trainer.monitor.tracking.choose_tracker`."""
+    allow_ddp_collective_checks()
     # train.mixed_precision is the one setting: it overrides `accelerate launch --mixed_precision`
     # (Accelerate gives the constructor argument precedence over its launcher's environment).
     # torch >= 2.13 deprecates DDP's broadcast_buffers, which Accelerate always passes; its

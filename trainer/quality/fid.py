@@ -433,22 +433,26 @@ class Evaluator:
         self.generator = Generator(model.nz, model.ngf, model.resolution).to(accelerator.device).eval()
         probe = torch.zeros(1, 3, model.resolution, model.resolution, dtype=torch.uint8, device=accelerator.device)
         self.dims = {name: f.shape[1] for name, f in extract(self.extractor, probe).items()}
-        self._reference: Reference | None = None
+        self._reference: Reference | None = None  # the main process's copy (the others hold none)
+        self._reference_known = False  # the same on every rank: whether the collective below has run
 
     # -- real images
     def reference(self) -> Reference | None:
-        """The real-image statistics, on the main process (None on the others). Collective.
+        """The real-image statistics, on the main process (None on the others). Collective the first time.
 
         Normally prepared before training (`trainer.prepare`), so this only loads them; otherwise the
-        main process computes them here while the others wait.
+        main process computes them here while the others wait. Whether to enter the collective is
+        decided by a flag every rank sets alike, never by the main process's cache: ranks that
+        decided differently would meet in different collectives at the next evaluation.
         """
-        if self._reference is None:
-            found = main_decides(
-                self.acc,
-                lambda: reference_statistics(self.cfg, self.extractor, self.weights, self.acc.device, self.log),
-            )
-            if self.acc.is_main_process:
-                self._reference = found
+        if not self._reference_known:
+
+            def load() -> str:
+                self._reference = reference_statistics(self.cfg, self.extractor, self.weights, self.acc.device, self.log)
+                return str(self._reference.path)  # only the answer travels, not megabytes of statistics
+
+            main_decides(self.acc, load)
+            self._reference_known = True
         return self._reference
 
     # -- generated images
