@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
-from trainer.core.step import GANStep, grad_norm, step_noise_seed
+from trainer.core.step import GANStep, grad_norm, step_noise, step_noise_seed
 
 DATA_MEAN = torch.tensor([2.0, -1.5])
 DATA_STD = 0.3
@@ -131,7 +131,7 @@ def test_two_steps_are_the_dcgan_update_written_out():
     for step in (5, 6):
         real = torch.randn(6, 2)
         metrics = gan_step(real, step, attempt)
-        noise = torch.Generator().manual_seed(step_noise_seed(run_seed, 0, step, attempt))
+        noise = torch.Generator().manual_seed(step_noise_seed(run_seed, step, attempt))
         expected, grads_d = _reference_step(
             g_ref, d_ref, ref_opt_g, ref_opt_d, real, torch.randn(6, nz, generator=noise)
         )
@@ -155,20 +155,27 @@ def test_grad_norm_is_the_l2_norm_of_all_gradients():
     assert grad_norm(model).item() == pytest.approx((4 * 9 + 2 * 16) ** 0.5)
 
 
-def test_step_noise_depends_on_seed_rank_step_and_attempt_and_never_changes():
-    """Exact resume replays the noise of step s on rank r: the seed is a pure function, pinned here, so
-    a checkpoint written by an earlier version resumes onto the same noise."""
-    base = step_noise_seed(0, 0, 0)
-    assert base == step_noise_seed(0, 0, 0, attempt=0) == 7896617691693857887
-    assert (step_noise_seed(3, 1, 7), step_noise_seed(3, 1, 7, 2)) == (2219947408961387175, 5100279981988440957)
-    variants = [
-        step_noise_seed(1, 0, 0),
-        step_noise_seed(0, 1, 0),
-        step_noise_seed(0, 0, 1),
-        step_noise_seed(0, 0, 0, 1),
-    ]
-    assert len({base, *variants}) == 5
+def test_step_noise_depends_on_seed_step_and_attempt_and_never_changes():
+    """Exact resume replays the noise of step s: the seed is a pure function, pinned here, so a
+    checkpoint written by an earlier version resumes onto the same noise."""
+    base = step_noise_seed(0, 0)
+    assert base == step_noise_seed(0, 0, attempt=0) == 7896617691693857887
+    assert (step_noise_seed(3, 7), step_noise_seed(3, 7, 2)) == (4782766539338417736, 1016266665476324714)
+    variants = [step_noise_seed(1, 0), step_noise_seed(0, 1), step_noise_seed(0, 0, 1)]
+    assert len({base, *variants}) == 4
     assert all(0 <= s < 2**63 for s in (base, *variants))  # a valid torch.Generator seed
+
+
+def test_step_noise_is_the_global_batch_s_for_any_number_of_processes():
+    """Rank r of W takes rows r*B/W .. of the global batch's latents: the ranks of 2 or 4 processes
+    together draw exactly what one process draws, so a run can resume on another process count."""
+    seed, nz, batch = step_noise_seed(0, 5), 3, 8
+    generator = torch.Generator()
+    one = step_noise(generator, seed, batch, nz, 0, 1, torch.device("cpu"))
+    for world in (2, 4):
+        parts = [step_noise(generator, seed, batch // world, nz, r, world, torch.device("cpu")) for r in range(world)]
+        assert torch.equal(torch.cat(parts), one), world
+    assert not torch.equal(parts[0], parts[1])  # ranks draw different latents
 
 
 def test_each_step_draws_its_own_noise_and_a_replay_draws_the_same():
@@ -179,16 +186,16 @@ def test_each_step_draws_its_own_noise_and_a_replay_draws_the_same():
     real = torch.zeros(4, 2)
     first, again, later, retry = (gan_step(real, s, a)["D(G(z))_before"] for s, a in ((3, 0), (3, 0), (4, 0), (3, 1)))
     assert first == again and first != later and first != retry
-    # Rank 1 of a multi-process run draws other noise for the same step (same weights, same data).
-    as_rank_1 = GANStep(_AsRank(accelerator, 1), g, d, opt_g, opt_d, nz=2, run_seed=0)
+    # Rank 1 of a two-process run draws other noise for the same step (same weights, same data).
+    as_rank_1 = GANStep(_AsRank(accelerator, 1, 2), g, d, opt_g, opt_d, nz=2, run_seed=0)
     assert as_rank_1(real, 3)["D(G(z))_before"] != first
 
 
 class _AsRank:
-    """The accelerator as seen by another rank: only `process_index` differs."""
+    """The accelerator as seen by rank `rank` of `world`: only `process_index` and `num_processes` differ."""
 
-    def __init__(self, accelerator: Accelerator, rank: int) -> None:
-        self._accelerator, self.process_index = accelerator, rank
+    def __init__(self, accelerator: Accelerator, rank: int, world: int) -> None:
+        self._accelerator, self.process_index, self.num_processes = accelerator, rank, world
 
     def __getattr__(self, name: str):
         return getattr(self._accelerator, name)

@@ -9,12 +9,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from trainer.core.checkpoint import EMA_FILE, Checkpointer, TrainState, export_weights
+from trainer.core.checkpoint import Checkpointer, TrainState
 from trainer.core.config import Config, evaluation_enabled, to_dict, to_yaml
 from trainer.core.data import build_dataloader, open_dataset, to_model_input
 from trainer.core.ema import GeneratorEMA
@@ -24,7 +25,7 @@ from trainer.core.step import GANStep
 from trainer.monitor.console import Console, RunSummary, format_duration
 from trainer.monitor.grids import fixed_noise, save_generator_grid, save_real_grid
 from trainer.monitor.health import NonFinite, NonFiniteWatch
-from trainer.monitor.measurements import MetricMeter, append_metrics, host_metrics
+from trainer.monitor.measurements import MetricMeter, append_metrics, host_metrics, rewind_metrics
 from trainer.monitor.run_lock import RunLock
 from trainer.monitor.stopping import StopRequest, exit_with_launcher
 from trainer.monitor.tracking import Tracker, TrackerChoice, choose_tracker
@@ -80,7 +81,7 @@ def _train(
     console.config(to_dict(cfg), str(run_dir / "config.yaml"))
 
     checkpointer = Checkpointer(run_dir, accelerator, cfg.ckpt.keep)
-    resume_from = checkpointer.find_resume_point(cfg.run.resume, cfg)  # fails before anything is written
+    resume_from = checkpointer.find_resume_point(cfg.run.resume, cfg, use_sync_bn)  # fails before anything is written
     evaluator = Evaluator(cfg, accelerator, console.print) if evaluation_enabled(cfg) else None  # so does this
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -96,12 +97,34 @@ def _train(
     unwrapped_g = accelerator.unwrap_model(generator, keep_torch_compile=False)
     shown_g = ema.module if ema else unwrapped_g  # the generator that grids and evaluations show
 
+    def use_configured_optimizer_settings() -> None:
+        """Adam's state brings back the lr and betas it was saved with; the config's apply (they differ only
+        after a resume with run.resume_changes=allow, which the records then tell truly)."""
+        for optimizer in (opt_g, opt_d):
+            for group in optimizer.param_groups:
+                group["lr"], group["betas"] = cfg.train.lr, tuple(cfg.train.betas)
+
     state = TrainState(global_batch=cfg.train.batch_size)
     if resume_from is not None:
         state = checkpointer.load(resume_from)
+        use_configured_optimizer_settings()
         console.print(
             f"resumed from {resume_from} (step {state.step}, epoch {state.epoch}, {state.step_in_epoch} steps into it)"
+            + (", its evaluation still due" if state.evaluation_due else "")
         )
+        if state.num_processes is None:
+            console.print(
+                "note: the checkpoint was written by an earlier version, which drew each rank's noise from a seed of "
+                "its own; the noise now comes from one seed per step for the whole batch, so training goes on "
+                "along another (equally valid) path than that version's would have"
+            )
+        # metrics.jsonl: one row per step of the trajectory the checkpoints hold (the rows a killed run
+        # wrote after this checkpoint are written again by this one)
+        main_decides(
+            accelerator,
+            lambda: rewind_metrics(run_dir / "metrics.jsonl", state.step, redo_evaluation=state.evaluation_due),
+        )
+    state.num_processes, state.sync_bn = accelerator.num_processes, use_sync_bn  # recorded in every checkpoint
     steps_per_epoch = len(loader)
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps is not None:
@@ -143,28 +166,45 @@ def _train(
     start_step, start_time = state.step, time.perf_counter()
     window_step, window_time = state.step, start_time
 
+    # Main-process writes go through main_decides: a failed write (a full disk) then stops every rank
+    # with its message, instead of the main process alone while the others wait in a collective.
     def sample(name: str) -> None:
-        if accelerator.is_main_process:
+        def draw() -> None:
             with _stop_if_write_fails("sample grid", samples_dir / name, checkpointer):
                 save_generator_grid(shown_g, grid_noise, samples_dir / name, accelerator.autocast)
             caption = f"step {state.step}, {state.images_seen} images seen"
             tracker.log_image("fixed_noise", samples_dir / name, state, caption)
 
-    def evaluate() -> float:
-        """FID / IS / KID of the shown generator (collective); keeps the best checkpoint. Returns seconds taken."""
+        main_decides(accelerator, draw)
+
+    def log_row(metrics: dict[str, float], images_per_s: float) -> None:
+        # + learning rates, fp16 loss scale and skipped steps, CUDA memory
+        record = {**metrics, **host_metrics(accelerator, {"G": opt_g, "D": opt_d}, state)}
+        with _stop_if_write_fails("metrics", run_dir / "metrics.jsonl", checkpointer):
+            append_metrics(run_dir / "metrics.jsonl", state, record, images_per_s)
+        tracker.log_metrics({**record, "images_per_s": images_per_s}, state)
+
+    def evaluate(owed: bool = False) -> float:
+        """FID / IS / KID of the shown generator (collective); keeps the best checkpoint. Returns seconds taken.
+
+        `owed`: the evaluation of the step a stop saved before evaluating (its checkpoint says so).
+        """
         results = evaluator.evaluate(shown_g)
         weights = "ema" if ema else "raw"
         kept = checkpointer.keep_if_best(
             state, cfg, results["fid"], {"weights": weights, "num_samples": results["num_samples"]}
         )
         scores = {k: results[k] for k in ("fid", "is_mean", "is_std", "kid_mean", "kid_std")}
-        if accelerator.is_main_process:
+
+        def record() -> None:
             with _stop_if_write_fails("metrics", run_dir / "metrics.jsonl", checkpointer):
-                record = {**scores, "eval_weights": weights, "eval_num_samples": results["num_samples"]}
-                append_metrics(run_dir / "metrics.jsonl", state, {**record, "eval_s": results["eval_s"]}, None)
-            tracker.log_metrics(scores, state)
+                row = {**scores, "eval_weights": weights, "eval_num_samples": results["num_samples"]}
+                append_metrics(run_dir / "metrics.jsonl", state, {**row, "eval_s": results["eval_s"]}, None)
+            tracker.log_metrics(scores, state, owed=owed)
             if kept:
                 tracker.log_best(checkpointer.dir)  # W&B summary best/*, and the best artifact if asked
+
+        main_decides(accelerator, record)
         console.print(
             f"eval step {state.step} epoch {state.epoch} | FID {scores['fid']:.3f} | "
             f"IS {scores['is_mean']:.3f} ± {scores['is_std']:.3f} | KID {scores['kid_mean']:.5f} ± "
@@ -180,7 +220,13 @@ def _train(
         if cfg.train.on_nonfinite == "rollback" and newest is not None and state.rollbacks < cfg.train.max_rollbacks:
             attempt = state.rollbacks + 1
             restored = checkpointer.load(newest)
-            vars(state).update(vars(restored), rollbacks=attempt)
+            use_configured_optimizer_settings()
+            # The newest checkpoint owes no evaluation here: if it was the stop checkpoint this start
+            # resumed from, its evaluation was the first thing this start did.
+            launch = {"num_processes": state.num_processes, "sync_bn": state.sync_bn}
+            vars(state).update(vars(restored), rollbacks=attempt, evaluation_due=False, **launch)
+            # the diverged stretch's rows go to metrics.replaced.jsonl: the replay writes its own
+            main_decides(accelerator, lambda: rewind_metrics(run_dir / "metrics.jsonl", state.step))
             sync_skip_counts(to_state=False)
             watch.reset()
             meter.reset()
@@ -200,6 +246,10 @@ def _train(
             "then run the same command to resume"
         )
 
+    if state.evaluation_due:  # the stop that saved this checkpoint came before its evaluation
+        if evaluator:
+            window_time += evaluate(owed=True)
+        state.evaluation_due = False
     console.start_progress(state.step, total_steps, state.epoch)  # a live display on a terminal only
     try:
         while state.step < total_steps and not stop.agreed:
@@ -230,10 +280,18 @@ def _train(
                     break  # the outer loop restarts from the restored state
                 if accelerator.scaler is not None and (save_due or state.step % cfg.log.every_steps == 0):
                     sync_skip_counts(to_state=True)  # fp16 only: a host sync, at log and save steps
+                evaluation_due = evaluator is not None and (
+                    (cfg.eval.every_epochs and epoch_done and state.epoch % cfg.eval.every_epochs == 0)
+                    or (cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0)
+                    or state.step >= total_steps
+                )
                 if stopping:
                     # Save before anything else: under torchrun, SIGTERM leaves 30 s until SIGKILL, so
-                    # no evaluation and no upload may come between the signal and the checkpoint.
+                    # no evaluation and no upload may come between the signal and the checkpoint. An
+                    # evaluation due at this step is recorded in it, and the resume does it first.
+                    state.evaluation_due = evaluation_due
                     checkpointer.save(state, cfg)
+                    state.evaluation_due = False
 
                 if state.step % cfg.log.every_steps == 0 or state.step == total_steps or stopping:
                     last_metrics = meter.mean_across_ranks(accelerator)
@@ -241,49 +299,30 @@ def _train(
                     images_per_s = (state.step - window_step) * cfg.train.batch_size / max(now - window_time, 1e-9)
                     eta = (total_steps - state.step) * (now - window_time) / max(state.step - window_step, 1)
                     window_step, window_time = state.step, now
-                    if accelerator.is_main_process:
-                        # + learning rates, fp16 loss scale and skipped steps, CUDA memory
-                        record = {**last_metrics, **host_metrics(accelerator, {"G": opt_g, "D": opt_d}, state)}
-                        with _stop_if_write_fails("metrics", run_dir / "metrics.jsonl", checkpointer):
-                            append_metrics(run_dir / "metrics.jsonl", state, record, images_per_s)
-                        tracker.log_metrics({**record, "images_per_s": images_per_s}, state)
+                    main_decides(accelerator, partial(log_row, last_metrics, images_per_s))
                     console.log_step(state.step, total_steps, state.epoch, last_metrics, images_per_s, eta)
                 if state.step % cfg.log.sample_every_steps == 0:
                     sample(f"step_{state.step:08d}.png")
                 if epoch_done:
                     sample(f"epoch_{state.epoch:03d}.png")
+                if evaluation_due and not stopping:
+                    # Before the checkpoint of this step, so that a checkpoint never owes an evaluation
+                    # unless a stop saved it (a crash during the evaluation replays from the previous one).
+                    window_time += evaluate()  # evaluation time does not count against images/s
                 if save_due:
                     checkpointer.save(state, cfg)
-                if (
-                    evaluator
-                    and not stopping
-                    and (
-                        (cfg.eval.every_epochs and epoch_done and state.epoch % cfg.eval.every_epochs == 0)
-                        or (cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0)
-                        or state.step >= total_steps
-                    )
-                ):
-                    window_time += evaluate()  # evaluation time does not count against images/s
                 if state.step >= total_steps or stopping:
                     break
     finally:
         console.stop_progress()
         stop.close()
 
-    final_checkpoint = checkpointer.save(state, cfg)  # no-op if this step is saved already
+    # No-op if this step is saved already. Every checkpoint refreshes the run root's weight files
+    # (generator.safetensors, ...), so they hold this step's weights now.
+    final_checkpoint = checkpointer.save(state, cfg)
+    if state.step % cfg.log.sample_every_steps and state.step_in_epoch:
+        sample(f"step_{state.step:08d}.png")
     if accelerator.is_main_process:
-        if state.step % cfg.log.sample_every_steps and state.step_in_epoch:
-            sample(f"step_{state.step:08d}.png")
-        with _stop_if_write_fails("final weights", run_dir, checkpointer):
-            export_weights(unwrapped_g, run_dir / "generator.safetensors", cfg.model, state.step)
-            if ema:
-                export_weights(ema.module, run_dir / EMA_FILE, cfg.model, state.step)
-            export_weights(
-                accelerator.unwrap_model(discriminator, keep_torch_compile=False),
-                run_dir / "discriminator.safetensors",
-                cfg.model,
-                state.step,
-            )
         tracker.log_weights(run_dir, state, final=state.step >= total_steps)  # log.wandb_artifacts=final|both
     elapsed = time.perf_counter() - start_time
     accelerator.wait_for_everyone()

@@ -79,11 +79,11 @@ MUTANTS = [
     Mutant("step-g-grads-accumulate", "step", "self.opt_g.zero_grad(set_to_none=True)", "pass", "step", "G gradients never cleared"),
     Mutant("step-d-not-frozen", "step", "D.requires_grad_(False)", "pass", "step", "G step also computes D gradients"),
     Mutant("step-d-stays-frozen", "step", "D.requires_grad_(True)", "pass", "step", "D frozen after the first G step"),
-    Mutant("step-noise-same-every-step", "step", "step_noise_seed(self.run_seed, acc.process_index, step, attempt)", "step_noise_seed(self.run_seed, acc.process_index, 0, attempt)", "step", "one noise batch for every step"),
-    Mutant("step-noise-same-on-every-rank", "step", "step_noise_seed(self.run_seed, acc.process_index, step, attempt)", "step_noise_seed(self.run_seed, 0, step, attempt)", "step", "every rank draws the same noise"),
-    Mutant("step-noise-ignores-rollback", "step", "step_noise_seed(self.run_seed, acc.process_index, step, attempt)", "step_noise_seed(self.run_seed, acc.process_index, step)", "step", "a rollback replays the same noise"),
+    Mutant("step-noise-same-every-step", "step", "step_noise_seed(self.run_seed, step, attempt)", "step_noise_seed(self.run_seed, 0, attempt)", "step", "one noise batch for every step"),
+    Mutant("step-noise-same-on-every-rank", "step", "z[rank * per_rank : (rank + 1) * per_rank]", "z[:per_rank]", "step", "every rank draws the same noise"),
+    Mutant("step-noise-ignores-rollback", "step", "step_noise_seed(self.run_seed, step, attempt)", "step_noise_seed(self.run_seed, step)", "step", "a rollback replays the same noise"),
     # (`[run_seed, rank, step, attempt]` for every attempt would be equivalent: SeedSequence ignores trailing zeros.)
-    Mutant("step-noise-seed-reordered", "step", "entropy = [run_seed, rank, step]", "entropy = [run_seed, step, rank]", "step", "seeds change across versions (resume drifts)"),
+    Mutant("step-noise-seed-reordered", "step", "entropy = [run_seed, step]", "entropy = [step, run_seed]", "step", "seeds change across versions (resume drifts)"),
     Mutant("step-grad-norm-sum", "step", "return torch.linalg.vector_norm(torch.stack(norms))", "return torch.stack(norms).sum()", "step", "grad norm is a sum of norms"),
     Mutant("step-metric-dx-of-fakes", "step", '"D(x)": torch.sigmoid(logits_real.detach().float()).mean()', '"D(x)": torch.sigmoid(logits_fake.detach().float()).mean()', "step", "D(x) logged from fakes"),
     # ---- checkpoints: the resume decision and the best checkpoint ---------------------------------

@@ -13,9 +13,14 @@ Layout of `<run.dir>/checkpoints/`:
     .tmp-step-00001500/       a save in progress, or one a crash interrupted: never loaded
     best.json                 the checkpoint with the best FID so far: rotation never removes it
 
-Beside `checkpoints/`, the end of a run exports `generator.safetensors` (and `generator_ema.safetensors`,
-`discriminator.safetensors`): plain weights with the model settings in their metadata. This module
-owns every name above; the tools (evaluate, sample) find checkpoints and generators through it.
+`manifest.json` also says what each file holds ("holds": G weights, D weights, G's Adam state, ...).
+
+Beside `checkpoints/`, `generator.safetensors` (and `generator_ema.safetensors`, `discriminator.safetensors`)
+are the newest checkpoint's weights as plain files, with the model settings and the step in their
+metadata: every checkpoint refreshes them right after it is published (a crash in between leaves them
+one checkpoint behind, and their `step` says so). `python -m trainer.export` writes the same files
+from any checkpoint. This module owns every name above; the tools (evaluate, sample, export) find
+checkpoints and generators through it.
 
 A save writes into the temporary directory, fsyncs every file, writes the manifest, then renames
 the directory: a crash at any point leaves either no `step-*` directory or a complete one.
@@ -36,7 +41,7 @@ import re
 import shutil
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +54,7 @@ from trainer.core.config import Config, ModelConfig, fixed_on_resume, flatten, t
 from trainer.core.models import Generator
 from trainer.util.atomic import publish_dir, write_atomic, write_text_atomic
 from trainer.util.errors import CheckpointError, CheckpointWriteError
-from trainer.util.ranks import main_decides
+from trainer.util.ranks import every_rank, main_decides
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 MANIFEST = "manifest.json"
@@ -57,17 +62,32 @@ TRAIN_STATE = "train_state.json"
 BEST = "best.json"
 CONFIG = "config.yaml"
 GENERATOR_FILE = "model.safetensors"  # Accelerate's name for the first prepared model: G (see loop.py)
+DISCRIMINATOR_FILE = "model_1.safetensors"  # the second: D
 EMA_FILE = "generator_ema.safetensors"  # written by trainer.core.ema's save hook
-FINAL_GENERATOR = "generator.safetensors"  # the end-of-run export beside checkpoints/ (export_weights)
+FINAL_GENERATOR = "generator.safetensors"  # the exports beside checkpoints/ (export_checkpoint)
+FINAL_DISCRIMINATOR = "discriminator.safetensors"
 FORMAT_VERSION = 1
+MISNAMED = "named for another step"
+# What each file of a checkpoint holds, for people reading manifest.json (Accelerate names them by
+# the order the loop prepares G, D, G's optimizer, D's optimizer).
+HOLDS = {
+    GENERATOR_FILE: "G (generator) weights and BatchNorm statistics",
+    DISCRIMINATOR_FILE: "D (discriminator) weights and BatchNorm statistics",
+    "optimizer.bin": "G's Adam state",
+    "optimizer_1.bin": "D's Adam state",
+    EMA_FILE: "EMA of G's weights (train.ema_decay)",
+    "scaler.pt": "fp16 grad scaler state",
+    TRAIN_STATE: "step, epoch, position in the epoch, W&B run, ...",
+    CONFIG: "the resolved config of the run that wrote it",
+}
 
 
 @dataclass
 class TrainState:
     """Where training stands; everything else needed to resume lives in Accelerate's files.
 
-    The noise of step s on rank r is drawn from a generator seeded by (run.seed, r, s), so no RNG
-    state needs saving for exact resume.
+    The noise of step s is drawn from a generator seeded by (run.seed, s) for the whole global batch
+    (each rank takes its slice), so no RNG state needs saving for exact resume.
     """
 
     step: int = 0  # optimizer steps done (one D and one G update each)
@@ -79,6 +99,12 @@ class TrainState:
     skipped_steps_g: int = 0
     rollbacks: int = 0  # reloads after non-finite losses (train.on_nonfinite=rollback)
     precision: str | None = None  # the resolved train.mixed_precision (no | fp16 | bf16) that wrote it
+    num_processes: int | None = None  # the processes that wrote it (None: written before this was recorded)
+    sync_bn: bool | None = None  # whether they normalised BatchNorm over the global batch (SyncBatchNorm)
+    evaluation_due: bool = False  # a stop saved this step before its due evaluation: the resume does it first
+    tracker_run_name: str | None = None  # the W&B run's name and group, decided at its first start
+    tracker_group: str | None = None
+    slurm_jobs: list[dict[str, Any]] = field(default_factory=list)  # the Slurm job of every start, in order
 
     @property
     def images_seen(self) -> int:
@@ -111,6 +137,9 @@ def verify(path: Path) -> str | None:
         files = manifest["files"]
     except (ValueError, KeyError, TypeError):
         return "manifest.json is unreadable"
+    named = CHECKPOINT_RE.match(path.name)
+    if named and manifest.get("step") != int(named.group(1)):
+        return f"{MISNAMED}: its manifest is of step {manifest.get('step')} (renamed or copied by hand?)"
     for name, meta in files.items():
         file = path / name
         if not file.is_file():
@@ -183,10 +212,9 @@ class Checkpointer:
                 shutil.rmtree(tmp)
         acc.wait_for_everyone()
         try:
-            acc.save_state(str(tmp))
-            acc.wait_for_everyone()  # every rank's RNG file is written
-            if acc.is_main_process:
-                self._finish(tmp, final, state, cfg)
+            # Every rank writes its own files (RNG state); a failure on any rank stops them all alike.
+            every_rank(acc, lambda: acc.save_state(str(tmp)))
+            main_decides(acc, lambda: self._finish(tmp, final, state, cfg))
         except Exception as exc:  # disk full, quota, I/O error: keep what is complete, stop clearly
             # Writers report a full disk differently (OSError, SafetensorError, torch's RuntimeError
             # "unexpected pos"), so catch them all; a partial .tmp dir is never loadable anyway.
@@ -202,7 +230,6 @@ class Checkpointer:
                 f"earlier checkpoints are intact (newest: {newest.name if newest else 'none'}). "
                 "Free space or fix the storage, then run the same command to resume"
             ) from None
-        acc.wait_for_everyone()
         self.last_saved_step = state.step
         return final
 
@@ -211,7 +238,7 @@ class Checkpointer:
         (tmp / TRAIN_STATE).write_text(json.dumps(state.to_json(), indent=2))
         (tmp / CONFIG).write_text(to_yaml(cfg))
         files = {
-            file.name: {"size": file.stat().st_size, "sha256": _sha256(file)}
+            file.name: {"size": file.stat().st_size, "sha256": _sha256(file), "holds": _holds(file.name)}
             for file in sorted(p for p in tmp.iterdir() if p.is_file())
         }
         (tmp / MANIFEST).write_text(
@@ -222,6 +249,7 @@ class Checkpointer:
             # never overwrite a complete checkpoint, never keep an unbounded pile of copies.
             raise OSError(f"{final} already exists")
         publish_dir(tmp, final)
+        export_checkpoint(final, self.dir.parent, cfg.model, state.step)  # the run root's weights: this step's
         self._rotate()
 
     def _rotate(self) -> None:
@@ -243,25 +271,29 @@ class Checkpointer:
         if not (math.isfinite(fid) and (best is None or fid < best["fid"])):
             return False
         path = self.save(state, cfg)
-        if acc.is_main_process:
-            record = {"checkpoint": path.name, "step": state.step, "fid": fid, **details}
-            write_text_atomic(self.dir / BEST, json.dumps(record, indent=2))
+
+        def record() -> None:
+            best = {"checkpoint": path.name, "step": state.step, "fid": fid, **details}
+            write_text_atomic(self.dir / BEST, json.dumps(best, indent=2))
             self._rotate()
-        acc.wait_for_everyone()
+
+        main_decides(acc, record)  # a failed write stops every rank, not the main process alone
         return True
 
     # ---- resume ---------------------------------------------------------------------------
-    def find_resume_point(self, resume: str, cfg: Config) -> Path | None:
+    def find_resume_point(self, resume: str, cfg: Config, sync_bn: bool = False) -> Path | None:
         """Which checkpoint to start from, decided on the main process and shared with all ranks.
 
         Refuses (CheckpointError) before anything is written: an incompatible or incomplete
-        checkpoint, `never` over existing checkpoints, or forking a run in place.
+        checkpoint, `never` over existing checkpoints, forking a run in place, or another number of
+        processes that changes the training (`sync_bn`: this run uses SyncBatchNorm).
         """
 
         def decide() -> str | None:
             choice = self._choose(resume)
             if choice is not None:
                 _check_compatible(Path(choice), cfg, self.accelerator.mixed_precision)
+                _check_process_count(Path(choice), cfg, self.accelerator.num_processes, sync_bn)
                 _check_no_code_in_pickles(Path(choice))
             return choice
 
@@ -283,11 +315,13 @@ class Checkpointer:
                 problem = verify(candidate)
                 if problem is None:
                     for bad, why in damaged:
-                        # Renamed, never deleted: out of the way of resume, rotation and later saves.
-                        aside = _free_name(bad, "damaged")
+                        # Renamed, never deleted: out of the way of resume, rotation and later saves
+                        # (a misnamed one would otherwise be resumed by its name and block that name's save).
+                        aside = _free_name(bad, "misnamed" if why.startswith(MISNAMED) else "damaged")
                         os.replace(bad, aside)
+                        what = "is " + why if why.startswith(MISNAMED) else f"is damaged ({why})"
                         warnings.warn(
-                            f"checkpoint {bad} is damaged ({why}); kept as {aside}, resuming from {candidate.name}",
+                            f"checkpoint {bad} {what}; kept as {aside}, resuming from {candidate.name}",
                             stacklevel=2,
                         )
                     return str(candidate)
@@ -318,12 +352,20 @@ class Checkpointer:
         return str(path)
 
     def load(self, path: Path) -> TrainState:
-        """Collective. Restores models, optimizers, scaler and RNG; returns the train state."""
-        state = TrainState.from_json(json.loads((path / TRAIN_STATE).read_text()))
-        try:
-            self.accelerator.load_state(str(path))
-        except Exception as exc:  # safetensors/torch errors: shape mismatch, unsafe pickle, truncation
-            raise CheckpointError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
+        """Collective. Restores models, optimizers, scaler and RNG; returns the train state.
+
+        Every rank reads the files itself; if any rank cannot, every rank stops with its message.
+        """
+
+        def restore() -> TrainState:
+            try:
+                state = TrainState.from_json(json.loads((path / TRAIN_STATE).read_text()))
+                self.accelerator.load_state(str(path))
+            except Exception as exc:  # safetensors/torch errors: shape mismatch, unsafe pickle, truncation
+                raise CheckpointError(f"cannot load {path}: {(str(exc).splitlines() or [''])[0]}") from None
+            return state
+
+        state = every_rank(self.accelerator, restore)
         self.last_saved_step = state.step
         return state
 
@@ -380,6 +422,37 @@ def _check_compatible(path: Path, cfg: Config, precision: str) -> None:
             "resuming mid-epoch needs the same global batch (set it back, or start a new run.dir)"
         )
     _check_config_changes(path, OmegaConf.to_container(saved, resolve=True), cfg)
+
+
+def _check_process_count(path: Path, cfg: Config, processes: int, sync_bn: bool) -> None:
+    """Another number of processes than the checkpoint's: the data order and the noise are the same for
+    any count (global batches, noise per global batch), so only BatchNorm can tell. Over the global
+    batch in both runs (SyncBatchNorm, or one process) training continues as it would have, up to the
+    order of floating-point sums: a note. Per process in either, its statistics come from another
+    share of the batch, a trajectory change like any other: refused unless run.resume_changes=allow."""
+    state = TrainState.from_json(json.loads((path / TRAIN_STATE).read_text()))
+    before = state.num_processes
+    if before is None or before == processes:
+        return
+    global_bn = (bool(state.sync_bn) or before == 1, sync_bn or processes == 1)
+    counts = f"{path} was written by {before} processes, this run has {processes}"
+    if all(global_bn):
+        print(
+            f"note: {counts}; BatchNorm statistics are over the global batch in both (SyncBatchNorm or one "
+            "process), so training continues as it would have, up to the order of floating-point sums",
+            flush=True,
+        )
+        return
+    why = (
+        "each process normalises BatchNorm over its own share of the batch (no SyncBatchNorm), so its "
+        "statistics, and the training, change with the number of processes"
+    )
+    if cfg.run.resume_changes != "allow":
+        raise CheckpointError(
+            f"{counts}: {why}. Resume with {before} processes, or continue with {processes} anyway with "
+            "run.resume_changes=allow"
+        )
+    print(f"resuming with another number of processes (run.resume_changes=allow): {counts}; {why}", flush=True)
 
 
 RESUME_KEYS = ("run.resume", "run.resume_changes")  # how to resume, not what: never reported as changes
@@ -477,6 +550,27 @@ def _export_state(state: dict[str, Any], path: Path, model_cfg: ModelConfig, ste
 def export_weights(module: nn.Module, path: Path, model_cfg: ModelConfig, step: int) -> None:
     """A safetensors file that needs no trainer to read; the model settings ride in its metadata."""
     _export_state({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, path, model_cfg, step)
+
+
+def _holds(name: str) -> str:
+    if name.startswith("random_states_"):
+        return f"RNG state of process {name.removeprefix('random_states_').split('.')[0]}"
+    return HOLDS.get(name, "")
+
+
+def weight_files(checkpoint: Path) -> dict[str, Path]:
+    """Every network's weights in the checkpoint, under their exported names: G, its EMA, D."""
+    return {**generator_files(checkpoint), FINAL_DISCRIMINATOR: checkpoint / DISCRIMINATOR_FILE}
+
+
+def export_checkpoint(checkpoint: Path, out_dir: Path, model_cfg: ModelConfig, step: int) -> dict[str, Path]:
+    """`weight_files` as plain safetensors files in `out_dir` (model settings and step in the metadata),
+    each replaced atomically: what the run root holds, and what `python -m trainer.export` writes."""
+    exported = {}
+    for name, source in weight_files(checkpoint).items():
+        _export_state(load_file(str(source)), out_dir / name, model_cfg, step)
+        exported[name] = out_dir / name
+    return exported
 
 
 def generator_files(checkpoint: Path) -> dict[str, Path]:

@@ -147,7 +147,7 @@ class LogConfig:
     wandb_project: str = setting("dcgan-trainer", "W&B project")
     wandb_entity: str | None = setting(None, "W&B user or team; null: the account's default entity")
     wandb_tags: list[str] = setting([], "W&B tags, e.g. log.wandb_tags=[baseline,bf16]")
-    wandb_group: str | None = setting(None, "W&B group; null: $SLURM_JOB_ID when set")
+    wandb_group: str | None = setting(None, "W&B group, set at the run's first start; null: run.name")
     wandb_mode: Literal["auto", "online", "offline"] = setting(
         "auto",
         "auto (online with W&B credentials, offline without or when the online start fails), online, offline; "

@@ -13,13 +13,23 @@ from accelerate import Accelerator
 from torch import nn
 
 
-def step_noise_seed(run_seed: int, rank: int, step: int, attempt: int = 0) -> int:
-    """Seed of the latent noise for `step` on `rank`: differs across ranks, fixed across resumes.
+def step_noise_seed(run_seed: int, step: int, attempt: int = 0) -> int:
+    """Seed of the latent noise of `step`'s whole global batch: fixed across resumes and process counts.
 
     `attempt` counts rollbacks after divergence, so a replay from a checkpoint draws new noise.
     """
-    entropy = [run_seed, rank, step] + ([attempt] if attempt else [])
-    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
+    entropy = [run_seed, step] + ([attempt] if attempt else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def step_noise(
+    generator: torch.Generator, seed: int, per_rank: int, nz: int, rank: int, world: int, device: torch.device
+) -> torch.Tensor:
+    """This rank's slice of the global batch's latents: sample i of a step gets the same vector on any
+    number of processes, as the data does (split_batches), so a run can resume on another count."""
+    generator.manual_seed(seed)
+    z = torch.randn(per_rank * world, nz, device=device, generator=generator)
+    return z[rank * per_rank : (rank + 1) * per_rank]
 
 
 def grad_norm(module: nn.Module) -> torch.Tensor:
@@ -73,8 +83,8 @@ class GANStep:
         acc, G, D = self.acc, self.G, self.D
         if self.cuda_graphs:  # the graphs' outputs of the previous step may be overwritten from here on
             torch.compiler.cudagraph_mark_step_begin()
-        self.noise.manual_seed(step_noise_seed(self.run_seed, acc.process_index, step, attempt))
-        z = torch.randn(real.shape[0], self.nz, device=real.device, generator=self.noise)
+        seed = step_noise_seed(self.run_seed, step, attempt)
+        z = step_noise(self.noise, seed, real.shape[0], self.nz, acc.process_index, acc.num_processes, real.device)
         fake = G(z)
 
         # D step: maximise log D(x) + log(1 - D(G(z))). Real and fake go through D separately, so

@@ -15,6 +15,7 @@ import torch
 from accelerate import Accelerator
 
 from trainer.core.checkpoint import TrainState
+from trainer.util.atomic import write_text_atomic
 
 
 class MetricMeter:
@@ -71,3 +72,31 @@ def append_metrics(path: Path, state: TrainState, metrics: dict[str, float], ima
     record.update(metrics)
     with open(path, "a") as fh:
         fh.write(json.dumps(record) + "\n")
+
+
+REPLACED_SUFFIX = ".replaced.jsonl"  # metrics.replaced.jsonl: rows a resume or a rollback took out
+
+
+def rewind_metrics(path: Path, step: int, redo_evaluation: bool = False) -> int:
+    """Take out of metrics.jsonl the rows that training from the checkpoint of `step` writes again:
+    those after `step` (a killed run's last rows, a diverged stretch before a rollback) and, with
+    `redo_evaluation`, the evaluation at `step` that the resume owes. Every step then has one row,
+    of the trajectory the checkpoints hold. The rows taken out are appended to metrics.replaced.jsonl,
+    never lost. Returns how many were taken out. Main process."""
+    if not path.is_file():
+        return 0
+    keep, out = [], []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+            row_step = int(record["step"])
+        except (ValueError, KeyError, TypeError):
+            keep.append(line)  # not ours to judge (a hand edit, a line cut short by a crash)
+            continue
+        replayed = row_step > step or (redo_evaluation and row_step == step and "fid" in record)
+        (out if replayed else keep).append(line)
+    if out:
+        with open(path.with_name(path.stem + REPLACED_SUFFIX), "a") as fh:
+            fh.writelines(line if line.endswith("\n") else line + "\n" for line in out)
+        write_text_atomic(path, "".join(keep))
+    return len(out)

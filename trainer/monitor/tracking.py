@@ -190,9 +190,29 @@ def slurm_job(environ: Mapping[str, str] = os.environ) -> dict[str, Any] | None:
 
 
 def run_display_name(cfg: Config, environ: Mapping[str, str] = os.environ) -> str:
-    """The W&B run name: run.name, plus the Slurm job (array jobs: <array job>_<task>) when there is one."""
+    """The W&B run name: run.name, plus the Slurm job (array jobs: <array job>_<task>) when there is one.
+
+    Decided at the run's first start and kept in its checkpoints: a requeue as a new job keeps it.
+    """
     job = slurm_job(environ)
     return f"{cfg.run.name}-{job['job']}" if job else cfg.run.name
+
+
+def run_identity(cfg: Config, state: TrainState, continuing: bool, environ: Mapping[str, str] = os.environ) -> dict:
+    """The W&B run's name and group, and the Slurm jobs of its starts, as the train state will keep them.
+
+    A continued run keeps the name and group its first start chose (a requeue as a new Slurm job
+    must not rename it or move it to another group) and adds this start's job to the list; a new run
+    decides them now: the name from run.name and the job, the group log.wandb_group or run.name.
+    """
+    if continuing and state.tracker_run_name:
+        name, group, jobs = state.tracker_run_name, state.tracker_group, list(state.slurm_jobs)
+    else:
+        name, group, jobs = run_display_name(cfg, environ), cfg.log.wandb_group or cfg.run.name, []
+    job = slurm_job(environ)
+    if job and (not jobs or jobs[-1] != job):
+        jobs.append(job)
+    return {"tracker_run_name": name, "tracker_group": group, "slurm_jobs": jobs}
 
 
 def new_run_id() -> str:
@@ -275,7 +295,9 @@ class Tracker:
         run_dir = Path(cfg.run.dir)
         self._cfg = cfg
         run_id = state.tracker_run_id if continuing else None
-        run_id = main_decides(self.acc, lambda: self._start_main(cfg, run_id, run_dir))
+        identity = main_decides(self.acc, lambda: run_identity(cfg, state, continuing))
+        vars(state).update(identity)  # kept in every checkpoint from now on
+        run_id = main_decides(self.acc, lambda: self._start_main(cfg, run_id, run_dir, identity))
         self.run_id = run_id
         if self.acc.is_main_process:
             self.console.print(self._describe(cfg, run_dir))
@@ -291,14 +313,14 @@ class Tracker:
             self.acc.trackers = []  # Accelerate keeps a tracker whose start failed
             raise
 
-    def _start_main(self, cfg: Config, run_id: str | None, run_dir: Path) -> str | None:
+    def _start_main(self, cfg: Config, run_id: str | None, run_dir: Path, identity: dict[str, Any]) -> str | None:
         config: dict[str, Any] = {
             **to_dict(cfg),
             "launch": {"num_processes": self.acc.num_processes, "device": str(self.acc.device)},
         }
-        job = slurm_job()
-        if job:
-            config["slurm"] = job  # job id, array id, restart count: which attempt of which job this is
+        if identity["slurm_jobs"]:
+            # job id, array id, restart count of every start: which attempts of which jobs trained this run
+            config["slurm"] = {"jobs": identity["slurm_jobs"]}
         if self.kind == "tensorboard":
             # TensorBoard's hparams take scalars and strings only
             hparams = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flatten(config).items()}
@@ -309,11 +331,11 @@ class Tracker:
             return run_id
 
         init: dict[str, Any] = {
-            "name": run_display_name(cfg),
+            "name": identity["tracker_run_name"],
             "dir": str(run_dir),  # <run.dir>/wandb/: next to the checkpoints it belongs to
             "mode": self.mode,
             "job_type": "train",
-            "group": cfg.log.wandb_group or (job or {}).get("job_id") or None,
+            "group": identity["tracker_group"],
             "tags": list(cfg.log.wandb_tags) or None,
             # one id for an online attempt and its offline fallback
             "id": run_id or new_run_id(),
@@ -484,13 +506,19 @@ class Tracker:
             self._guarded("finishing the run", lambda: [tracker.finish() for tracker in self.acc.trackers])
             self.acc.trackers = []
 
-    def log_metrics(self, metrics: Mapping[str, float], state: TrainState) -> None:
-        """One dashboard row at `state.images_seen`; names get their section prefix (train/, opt/, ...)."""
+    def log_metrics(self, metrics: Mapping[str, float], state: TrainState, owed: bool = False) -> None:
+        """One dashboard row at `state.images_seen`; names get their section prefix (train/, opt/, ...).
+
+        `owed`: the evaluation a stop left for the resume. The stopped start's last row holds this W&B
+        step already, and W&B drops rows at or below a run's last step, so the row goes one step later;
+        its images_seen, the charts' x-axis, is the evaluated step's.
+        """
         if not self.active:
             return
         row: dict[str, Any] = {f"{SECTIONS.get(name, 'train')}/{name}": value for name, value in metrics.items()}
         row.update({STEP_METRIC: state.images_seen, "epoch": state.epoch})
-        self._guarded("logging metrics", lambda: self.acc.log(row, step=state.images_seen))
+        step = state.images_seen + (1 if owed else 0)
+        self._guarded("logging metrics", lambda: self.acc.log(row, step=step))
 
     def log_image(self, name: str, path: Path, state: TrainState, caption: str) -> None:
         """The PNG the loop wrote, as `samples/<name>`: W&B's media slider steps through training."""

@@ -448,7 +448,9 @@ class Evaluator:
         if not self._reference_known:
 
             def load() -> str:
-                self._reference = reference_statistics(self.cfg, self.extractor, self.weights, self.acc.device, self.log)
+                self._reference = reference_statistics(
+                    self.cfg, self.extractor, self.weights, self.acc.device, self.log
+                )
                 return str(self._reference.path)  # only the answer travels, not megabytes of statistics
 
             main_decides(self.acc, load)

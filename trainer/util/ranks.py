@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 
 from trainer.util.errors import RunError, UserError
 
@@ -63,6 +63,36 @@ def main_decides(accelerator: Accelerator, decide: Callable[[], T]) -> T:
     if error is not None:
         raise error
     return value  # type: ignore[return-value]
+
+
+def every_rank(accelerator: Accelerator, work: Callable[[], T]) -> T:
+    """`work()` on every rank (its own files, its own copy of a model); if it fails on any rank, every
+    rank raises, the first failing rank's error. A rank that failed alone would leave the others
+    waiting in the next collective; this way they stop together, with that rank's message.
+
+    User and run errors travel as they are; anything else is raised as it is on its own rank and as
+    a RunError naming the rank and the error on the others.
+    """
+    result: Any = None
+    error: BaseException | None = None
+    unexpected: BaseException | None = None
+    try:
+        result = work()
+    except (UserError, RunError) as exc:
+        error = exc
+    except Exception as exc:  # noqa: BLE001  (shared as text: arbitrary exceptions may not pickle)
+        unexpected = exc
+        first = (str(exc).splitlines() or [""])[0][:300]
+        error = RunError(f"process {accelerator.process_index} failed: {type(exc).__name__}: {first}")
+    errors = [error]
+    if accelerator.num_processes > 1:
+        errors = gather_object(errors)  # every rank gets every rank's outcome
+    if unexpected is not None:
+        raise unexpected
+    shared = next((e for e in errors if e is not None), None)
+    if shared is not None:
+        raise shared
+    return result
 
 
 # ---- before the process group exists -------------------------------------------------------------
