@@ -7,7 +7,9 @@ that must match an uninterrupted run, are in tests/test_resume.py).
 
 from __future__ import annotations
 
+import os
 import signal
+import time
 
 import pytest
 from accelerate import Accelerator
@@ -59,15 +61,27 @@ def test_repeated_other_signals_just_keep_the_stop_request(stop, sig):
 
 
 def test_stop_file_is_stale_at_start_and_consumed_at_the_end(tmp_path):
-    (tmp_path / STOP_FILE).touch()  # left from an earlier job: not meant for this one
-    stop = StopRequest(tmp_path, Accelerator(cpu=True), check_every=10)
+    stop_file = tmp_path / STOP_FILE
+    stop_file.touch()
+    os.utime(stop_file, (time.time() - 3600, time.time() - 3600))  # left from an earlier job: not for this one
+    stop = StopRequest(tmp_path, Accelerator(cpu=True), check_every=10, started=time.time() - 60)
     try:
-        assert not (tmp_path / STOP_FILE).exists() and not stop.should_stop(10)
-        (tmp_path / STOP_FILE).touch()
-        assert stop.should_stop(20) and stop.reason == f"{tmp_path / STOP_FILE} exists"
+        assert not stop_file.exists() and not stop.should_stop(10)
+        stop_file.touch()
+        assert stop.should_stop(20) and stop.reason == f"{stop_file} exists"
     finally:
         stop.close()
-    assert not (tmp_path / STOP_FILE).exists()
+    assert not stop_file.exists()
+
+
+def test_a_stop_file_written_while_the_start_prepares_is_for_this_start(tmp_path):
+    """Packing data or reference statistics can take minutes: a STOP written meanwhile is honoured."""
+    (tmp_path / STOP_FILE).touch()
+    stop = StopRequest(tmp_path, Accelerator(cpu=True), check_every=10, started=time.time() - 60)
+    try:
+        assert (tmp_path / STOP_FILE).exists() and stop.should_stop(10)
+    finally:
+        stop.close()
 
 
 @pytest.mark.slow

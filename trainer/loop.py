@@ -27,12 +27,13 @@ from trainer.monitor.grids import fixed_noise, save_generator_grid, save_real_gr
 from trainer.monitor.health import NonFinite, NonFiniteWatch
 from trainer.monitor.measurements import MetricMeter, append_metrics, host_metrics, rewind_metrics
 from trainer.monitor.run_lock import RunLock
-from trainer.monitor.stopping import StopRequest, exit_with_launcher
+from trainer.monitor.run_status import RunStatus
+from trainer.monitor.stopping import StopRequest, exit_with_launcher, launch_started
 from trainer.monitor.tracking import Tracker, TrackerChoice, choose_tracker
 from trainer.prepare import prepare_before_launch
 from trainer.quality.fid import Evaluator
 from trainer.util.atomic import write_text_atomic
-from trainer.util.errors import DivergenceError, RunError
+from trainer.util.errors import DivergenceError, RunError, UserError
 from trainer.util.ranks import main_decides, one_process_first
 
 
@@ -53,13 +54,18 @@ def train(cfg: Config) -> RunSummary:
     """One training run. Before anything else, the main process takes the run directory's lock, and
     the run's one-time preparation happens before the process group exists (see trainer.prepare)."""
     run_dir = Path(cfg.run.dir)
+    started = launch_started()  # a STOP file written after this is meant for this start
     tracking = choose_tracker(cfg)  # W&B online without credentials fails here, before anything is written
     lock = RunLock(run_dir)
     took_over = one_process_first(lambda: _take(lock), name="run-lock")  # only the main process holds it
+    status = RunStatus(run_dir)
     try:
         exit_with_launcher(on_exit=lock.release)
         prepared = prepare_before_launch(cfg)
-        return _train(cfg, run_dir, tracking, prepared, took_over)
+        return _train(cfg, run_dir, tracking, prepared, took_over, status, started)
+    except (UserError, RunError) as exc:
+        status.failed(exc.exit_code, str(exc))  # only once this start has said it is running
+        raise
     finally:
         lock.release()  # a no-op on processes that do not hold it
 
@@ -70,7 +76,13 @@ def _take(lock: RunLock) -> str | None:
 
 
 def _train(
-    cfg: Config, run_dir: Path, tracking: TrackerChoice, prepared: dict[str, Any], took_over: str | None
+    cfg: Config,
+    run_dir: Path,
+    tracking: TrackerChoice,
+    prepared: dict[str, Any],
+    took_over: str | None,
+    status: RunStatus,
+    started: float,
 ) -> RunSummary:
     accelerator = build_accelerator(cfg, tracking.accelerator_kwargs)
     use_sync_bn = check_against_hardware(cfg, accelerator)
@@ -125,6 +137,7 @@ def _train(
             lambda: rewind_metrics(run_dir / "metrics.jsonl", state.step, redo_evaluation=state.evaluation_due),
         )
     state.num_processes, state.sync_bn = accelerator.num_processes, use_sync_bn  # recorded in every checkpoint
+    status.running(accelerator.is_main_process, state.step)
     steps_per_epoch = len(loader)
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps is not None:
@@ -159,7 +172,7 @@ def _train(
             gan_step.skipped.copy_(torch.tensor([state.skipped_steps_d, state.skipped_steps_g]))
 
     sync_skip_counts(to_state=False)
-    stop = StopRequest(run_dir, accelerator)
+    stop = StopRequest(run_dir, accelerator, started=started)
     watch = NonFiniteWatch(accelerator, {"generator": generator, "discriminator": discriminator})
     meter = MetricMeter()
     last_metrics: dict[str, float] = {}
@@ -337,6 +350,13 @@ def _train(
         images_per_s=(state.step - start_step) * cfg.train.batch_size / max(elapsed, 1e-9),
         last_metrics=last_metrics,
         checkpoint=final_checkpoint,
+    )
+    status.ended(
+        "stopped" if summary.stopped_early else "finished",
+        step=state.step,
+        total_steps=total_steps,
+        reason=stop.reason,
+        checkpoint=str(final_checkpoint),
     )
     # Finishes the tracker run (W&B prints its own summary) and tears down the process group:
     # nothing collective may follow, only rank 0's summary.

@@ -568,8 +568,9 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, model_cfg: ModelConfig, s
     each replaced atomically: what the run root holds, and what `python -m trainer.export` writes."""
     exported = {}
     for name, source in weight_files(checkpoint).items():
-        _export_state(load_file(str(source)), out_dir / name, model_cfg, step)
-        exported[name] = out_dir / name
+        if source.is_file():  # a checkpoint always has G and D; EMA only with train.ema_decay
+            _export_state(load_file(str(source)), out_dir / name, model_cfg, step)
+            exported[name] = out_dir / name
     return exported
 
 

@@ -37,6 +37,10 @@ class RunDirectoryBusy(UserError):
     pass
 
 
+class RunDirectoryUnwritable(UserError):
+    pass
+
+
 @dataclass(frozen=True)
 class Owner:
     host: str
@@ -87,9 +91,16 @@ class RunLock:
     def acquire(self) -> RunLock:
         """Take the lock, or raise RunDirectoryBusy naming its live owner. Returns self."""
         self._created_dir = not self.path.parent.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            created = self._create()
+        except OSError as exc:  # read-only filesystem, no permission, quota: the run could write nothing
+            raise RunDirectoryUnwritable(
+                f"cannot write in the run directory {self.path.parent} ({exc.strerror or exc}); make it writable "
+                "or choose another one (run.dir=<directory>, or run.name=<name> for runs/<name>)"
+            ) from None
         for _ in range(3):  # a contender may rename a stale lock between our looks
-            if self._create():
+            if created or self._create():
                 self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
                 self._thread.start()
                 return self
@@ -111,6 +122,7 @@ class RunLock:
                 continue  # another contender took it over first
             aside.unlink(missing_ok=True)
             self.took_over = holder or self.took_over
+            created = False
         raise RunDirectoryBusy(f"could not take {self.path}: other runs keep taking it; start one run at a time")
 
     def release(self) -> None:

@@ -24,8 +24,31 @@ STOP_FILE = "STOP"
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
+def under_launcher() -> bool:
+    """Started by torchrun / `accelerate launch` (which sets these for its workers), not from a shell."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or "ACCELERATE_MIXED_PRECISION" in os.environ
+
+
+def _process_started(pid: int) -> float | None:
+    """Wall-clock start of a process (Linux /proc), or None. To the second: boot time has no fraction."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def launch_started() -> float:
+    """When this start of the run began: the launcher's start under one, else this process's. A STOP
+    file older than that was meant for an earlier start; a newer one (written while this start was
+    still preparing: packing data, reference statistics) is meant for this one."""
+    return _process_started(os.getppid() if under_launcher() else os.getpid()) or time.time()
+
+
 class StopRequest:
-    def __init__(self, run_dir: Path, accelerator: Accelerator, check_every: int = 10) -> None:
+    def __init__(self, run_dir: Path, accelerator: Accelerator, check_every: int = 10, started: float = 0.0) -> None:
+        """`started`: when this start began (`launch_started`); a STOP file older than that is removed."""
         self.file = Path(run_dir) / STOP_FILE
         self.acc = accelerator
         self.check_every = check_every
@@ -33,7 +56,11 @@ class StopRequest:
         self.agreed = False  # every rank decided to stop
         self._previous = {}
         if accelerator.is_main_process:
-            self.file.unlink(missing_ok=True)  # stale: it was meant for an earlier job
+            try:
+                if self.file.stat().st_mtime < started:
+                    self.file.unlink(missing_ok=True)  # stale: it was meant for an earlier start
+            except FileNotFoundError:
+                pass
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._on_signal)
 
@@ -77,7 +104,7 @@ def exit_with_launcher(on_exit: Callable[[], None], poll_s: float = 1.0) -> None
     loaded. A run started straight from a shell (`python -m trainer.train`) is left alone, so
     `nohup` keeps working.
     """
-    if "TORCHELASTIC_RUN_ID" not in os.environ and "ACCELERATE_MIXED_PRECISION" not in os.environ:
+    if not under_launcher():
         return
     launcher = os.getppid()
 
