@@ -424,6 +424,10 @@ def _check_compatible(path: Path, cfg: Config, precision: str) -> None:
     _check_config_changes(path, OmegaConf.to_container(saved, resolve=True), cfg)
 
 
+def _processes(n: int) -> str:
+    return f"{n} process" + ("" if n == 1 else "es")
+
+
 def _check_process_count(path: Path, cfg: Config, processes: int, sync_bn: bool) -> None:
     """Another number of processes than the checkpoint's: the data order and the noise are the same for
     any count (global batches, noise per global batch), so only BatchNorm can tell. Over the global
@@ -435,7 +439,7 @@ def _check_process_count(path: Path, cfg: Config, processes: int, sync_bn: bool)
     if before is None or before == processes:
         return
     global_bn = (bool(state.sync_bn) or before == 1, sync_bn or processes == 1)
-    counts = f"{path} was written by {before} processes, this run has {processes}"
+    counts = f"{path} was written by {_processes(before)}, this run has {processes}"
     if all(global_bn):
         print(
             f"note: {counts}; BatchNorm statistics are over the global batch in both (SyncBatchNorm or one "

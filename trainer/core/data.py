@@ -19,15 +19,17 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
-from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from trainer.core.config import DataConfig, user_cache_dir
 from trainer.core.packed import (
     PackedImages,
     file_fingerprint,
+    has_alpha,
     open_or_build,
     pack_array,
     pack_files,
+    to_rgb,
     unreadable_reason,
     whole_batch,
 )
@@ -76,7 +78,7 @@ class ImageFiles(Dataset):
             )
 
     def drop(self, unreadable: list[tuple[str, str]]) -> None:
-        """Leave out the files `find_unreadable` reported (data.bad_files=skip; `error` stopped before)."""
+        """Leave out the files `scan_files` reported (data.bad_files=skip; `error` stopped before)."""
         bad = {path for path, _ in unreadable}
         self.files = [p for p in self.files if str(p) not in bad]
 
@@ -84,7 +86,8 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return self.transform(default_loader(str(self.files[index])))
+        with Image.open(self.files[index]) as image:
+            return self.transform(to_rgb(image))  # torchvision's loader clips 16-bit images, drops alpha
 
 
 class CIFAR10Images(Dataset):
@@ -169,23 +172,35 @@ def build_packed(cfg: DataConfig, resolution: int) -> PackedImages:
     return open_or_build(cache_dir, key, lambda out: pack_array(cifar.data, resolution, out))
 
 
-def find_unreadable(files: list[Path]) -> list[tuple[str, str]]:
-    """(path, reason) of every file PIL cannot fully decode: zero-byte, truncated, not an image.
+def scan_files(files: list[Path]) -> tuple[list[tuple[str, str]], list[str]]:
+    """(path, reason) of every file PIL cannot fully decode (zero-byte, truncated, not an image), and
+    the paths of files with an alpha channel.
 
     A full decode, because a truncated JPEG passes `Image.verify()`; PIL releases the GIL while
     decoding, so threads scale (about 8k CIFAR-size JPEGs per second per core).
     """
 
-    def check(path: Path) -> tuple[str, str] | None:
+    def check(path: Path) -> tuple[str, str] | bool:
         try:
             with Image.open(path) as image:
                 image.load()
-            return None
+                return has_alpha(image)
         except Exception as exc:  # PIL raises many types: UnidentifiedImageError, OSError, SyntaxError...
             return str(path), unreadable_reason(path, exc)
 
     with ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
-        return [found for found in pool.map(check, files) if found is not None]
+        found = list(pool.map(check, files))
+    unreadable = [f for f in found if isinstance(f, tuple)]
+    return unreadable, [str(path) for path, f in zip(files, found, strict=True) if f is True]
+
+
+def warn_alpha(with_alpha: list[str], total: int) -> None:
+    if with_alpha:
+        warnings.warn(
+            f"{len(with_alpha)} of {total} images have an alpha channel (e.g. {with_alpha[0]}): transparent "
+            "pixels are composited onto black",
+            stacklevel=3,
+        )
 
 
 def prepare_data(cfg: DataConfig, resolution: int, seed: int) -> dict[str, Any]:
@@ -202,12 +217,14 @@ def prepare_data(cfg: DataConfig, resolution: int, seed: int) -> dict[str, Any]:
             packed.listing.warn_ignored()
         total = len(packed) + len(packed.unreadable)
         report_unreadable(packed.unreadable, total, Path(cfg.root), cfg.bad_files, warn=True)
+        warn_alpha(packed.meta.get("alpha", []), total)
         return {"pack": str(packed.path)}
     dataset = build_dataset(cfg, resolution, seed)  # CIFAR-10: downloaded and unpacked here
     if isinstance(dataset, ImageFiles):
         dataset.warn_ignored()
-        unreadable = find_unreadable(dataset.files)
+        unreadable, with_alpha = scan_files(dataset.files)
         report_unreadable(unreadable, len(dataset.files), dataset.root, cfg.bad_files, warn=True)
+        warn_alpha(with_alpha, len(dataset.files))
         return {"unreadable": unreadable}
     return {}
 

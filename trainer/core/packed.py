@@ -30,7 +30,32 @@ from torchvision import transforms
 
 from trainer.util.atomic import write_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: 16-bit images scaled, not clipped; alpha composited onto black
+
+
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's modes for 16-bit grayscale (PNG, TIFF)
+ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def has_alpha(image: Image.Image) -> bool:
+    return image.mode in ALPHA or (image.mode == "P" and "transparency" in image.info)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An opened image as 8-bit RGB, for every file the trainer reads.
+
+    PIL's own `convert("RGB")` clips 16-bit grayscale at 255 (a mid-grey 16-bit PNG turns white) and
+    drops alpha, leaving whatever colour the transparent pixels happen to hold. Here 16-bit samples
+    are scaled to 8 bits, and alpha is composited onto black (transparent pixels become black); the
+    data preparation warns about files with alpha (`has_alpha`).
+    """
+    if image.mode in SIXTEEN_BIT:
+        samples = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.rint(samples / 257.0), 0, 255).astype(np.uint8), mode="L")
+    if has_alpha(image):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def whole_batch(batch: torch.Tensor) -> torch.Tensor:
@@ -90,15 +115,17 @@ def pack_files(files: Sequence[Path], resolution: int, out: Path) -> dict[str, A
     """Decode image files into `out`; unreadable ones are left out and listed in the meta."""
     workers = min(32, os.cpu_count() or 1)  # PIL decodes without the GIL: threads scale
 
-    def header(path: Path) -> tuple[int, int] | str:
+    def header(path: Path) -> tuple[tuple[int, int] | str, bool]:
         try:
             with Image.open(path) as image:
-                return image.size
+                return image.size, has_alpha(image)
         except Exception as exc:  # PIL raises many types for bad files
-            return unreadable_reason(path, exc)
+            return unreadable_reason(path, exc), False
 
     with ThreadPoolExecutor(workers) as pool:
-        sizes = list(pool.map(header, files))
+        headers = list(pool.map(header, files))
+    sizes = [size for size, _ in headers]
+    with_alpha = [str(path) for path, (_, alpha) in zip(files, headers, strict=True) if alpha]
     shapes = {s for s in sizes if isinstance(s, tuple)}
     native = next(iter(shapes))[0] if len(shapes) == 1 and len(set(next(iter(shapes)))) == 1 else None
     side = native if native is not None and native <= resolution else resolution
@@ -111,7 +138,7 @@ def pack_files(files: Sequence[Path], resolution: int, out: Path) -> dict[str, A
             return sizes[i]
         try:
             with Image.open(files[i]) as image:
-                rgb = image.convert("RGB")
+                rgb = to_rgb(image)
             if rgb.size != (side, side):
                 rgb = resize(rgb)
             array[i] = np.asarray(rgb).transpose(2, 0, 1)
@@ -129,7 +156,7 @@ def pack_files(files: Sequence[Path], resolution: int, out: Path) -> dict[str, A
         array = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=good.shape)
         array[:] = good
     array.flush()  # write_atomic fsyncs the file before publishing it
-    return {"count": int(array.shape[0]), "side": side, "unreadable": unreadable}
+    return {"count": int(array.shape[0]), "side": side, "unreadable": unreadable, "alpha": with_alpha}
 
 
 def pack_array(images_nhwc: np.ndarray, resolution: int, out: Path) -> dict[str, Any]:

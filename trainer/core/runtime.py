@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from collections.abc import Mapping
 from datetime import timedelta
@@ -66,9 +67,31 @@ def allow_ddp_collective_checks() -> None:
         torch.distributed.Logger = _DDPLoggerWithoutConstructionLog  # DDP builds its logger from here
 
 
+def one_process_where_several_were_asked(environ: Mapping[str, str] = os.environ) -> str | None:
+    """What to tell a user whose `accelerate launch` started one process although several were asked for.
+
+    `accelerate launch --num_processes N` without `--multi_gpu` (or a config file saying MULTI_GPU)
+    runs its "simple" launcher: one process, no WORLD_SIZE, but the MASTER_ADDR it sets for a
+    multi-process launch. On a machine without GPUs that is easy to do and trains one process silently.
+    """
+    under_accelerate = "ACCELERATE_MIXED_PRECISION" in environ and "WORLD_SIZE" not in environ
+    if not (under_accelerate and environ.get("MASTER_ADDR")):
+        return None
+    return (
+        "warning: `accelerate launch` started ONE process, although it was asked for several "
+        "(--num_processes > 1 or a multi-process config): without --multi_gpu, Accelerate runs a single "
+        "process. For N processes add --multi_gpu (on a machine without GPUs too: they use the CPU, gloo), "
+        "e.g. accelerate launch --multi_gpu --num_processes 2 trainer/train.py ..., or use "
+        "--config_file launch/accelerate/one_node.yaml --num_processes N"
+    )
+
+
 def build_accelerator(cfg: Config, tracker_kwargs: Mapping[str, Any] | None = None) -> Accelerator:
     """The run's Accelerator; `tracker_kwargs` (log_with, ...) from `trainer.monitor.tracking.choose_tracker`."""
     allow_ddp_collective_checks()
+    mistaken = one_process_where_several_were_asked()
+    if mistaken:
+        print(mistaken, file=sys.stderr, flush=True)
     # train.mixed_precision is the one setting: it overrides `accelerate launch --mixed_precision`
     # (Accelerate gives the constructor argument precedence over its launcher's environment).
     # torch >= 2.13 deprecates DDP's broadcast_buffers, which Accelerate always passes; its
