@@ -1,10 +1,12 @@
 """Draw a run's dashboard charts into one PNG, e.g. for docs or a report.
 
-    pip install matplotlib   # not a dependency of the trainer
+    pip install matplotlib   # not a dependency of the trainer (the test extra has it)
     python docs/plot_run.py runs/dcgan_cifar10 docs/figures/dashboard.png
 
 Reads the run's `metrics.jsonl`, which holds the very rows its W&B run charts (tests/test_tracking.py
-checks that they match), its real grid and its newest fixed-noise grid.
+checks that they match): training rows (losses, D outputs, gradient norms, images/s) and evaluation
+rows (FID, IS), each chart from the rows that have its key; plus the real grid and the newest
+fixed-noise grid.
 """
 
 from __future__ import annotations
@@ -19,20 +21,28 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
+PANELS = [
+    ("train/loss_D, train/loss_G", ["loss_D", "loss_G"], "linear"),
+    ("train/D(x), train/D(G(z)) before and after", ["D(x)", "D(G(z))_before", "D(G(z))_after"], "linear"),
+    ("train/grad_norm_D, train/grad_norm_G", ["grad_norm_D", "grad_norm_G"], "log"),
+    ("perf/images_per_s (global)", ["images_per_s"], "linear"),
+    ("eval/fid", ["fid"], "linear"),
+    ("eval/is_mean", ["is_mean"], "linear"),
+]
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
 
 def plot_run(run_dir: Path, out: Path) -> None:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    x = [row["images_seen"] / 1000 for row in rows]
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5), constrained_layout=True)
-    panels = [
-        ("train/loss_D, train/loss_G", ["loss_D", "loss_G"], "linear"),
-        ("train/D(x), train/D(G(z)) before and after", ["D(x)", "D(G(z))_before", "D(G(z))_after"], "linear"),
-        ("train/grad_norm_D, train/grad_norm_G", ["grad_norm_D", "grad_norm_G"], "log"),
-        ("perf/images_per_s (global)", ["images_per_s"], "linear"),
-    ]
-    for ax, (title, names, scale) in zip(axes.flat, panels, strict=False):
+    rows = read_rows(run_dir)
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8.5), constrained_layout=True)
+    for ax, (title, names, scale) in zip(axes.flat, PANELS, strict=False):
         for name in names:
-            ax.plot(x, [row[name] for row in rows], label=name)
+            having = [row for row in rows if name in row]  # evaluation rows have no losses, and vice versa
+            style = "o-" if name in ("fid", "is_mean") else "-"
+            ax.plot([row["images_seen"] / 1000 for row in having], [row[name] for row in having], style, label=name)
         ax.set_title(title)
         ax.set_xlabel("thousand images seen")
         ax.set_yscale(scale)
@@ -40,15 +50,18 @@ def plot_run(run_dir: Path, out: Path) -> None:
         if len(names) > 1:
             ax.legend()
     samples = run_dir / "samples"
-    newest = max([*samples.glob("step_*.png"), *samples.glob("epoch_*.png")], key=lambda p: p.stat().st_mtime)
-    for ax, path, title in (
-        (axes[1, 1], samples / "real.png", "samples/real"),
-        (axes[1, 2], newest, f"samples/fixed_noise ({newest.stem.replace('_', ' ').lstrip('0')})"),
-    ):
-        with Image.open(path) as image:
-            ax.imshow(image.convert("RGB"))
-        ax.set_title(title)
+    grids = [*samples.glob("step_*.png"), *samples.glob("epoch_*.png")]
+    shown = [(axes[1, 2], samples / "real.png", "samples/real")]
+    if grids:
+        newest = max(grids, key=lambda p: p.stat().st_mtime)
+        shown.append((axes[1, 3], newest, f"samples/fixed_noise ({newest.stem.replace('_', ' ').lstrip('0')})"))
+    for ax in axes[1, 2:]:
         ax.axis("off")
+    for ax, path, title in shown:
+        if path.is_file():
+            with Image.open(path) as image:
+                ax.imshow(image.convert("RGB"))
+            ax.set_title(title)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=80)
 

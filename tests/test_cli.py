@@ -16,6 +16,7 @@ SCRIPTS = {
     "dcgan-train": "trainer.train:main",
     "dcgan-evaluate": "trainer.evaluate:main",
     "dcgan-sample": "trainer.sample:main",
+    "dcgan-export": "trainer.export:main",
     "dcgan-bench": "trainer.bench:main",
 }
 

@@ -88,14 +88,15 @@ def test_offline_run_holds_metrics_images_and_config_and_plain_log_has_no_contro
 
     (file,) = offline_run_files(run_dir)
     run = read_offline_run(file)
-    # The run name tells runs apart: the config's name and the Slurm job.
-    assert (run.project, run.name, run.group, run.tags) == ("dcgan-trainer", "smoke-4242", "4242", ["smoke", "ci"])
+    # The run name tells runs apart: the config's name and the Slurm job of its first start; the group is run.name.
+    assert (run.project, run.name, run.group, run.tags) == ("dcgan-trainer", "smoke-4242", "smoke", ["smoke", "ci"])
     assert run.exit_code == 0
     # The resolved config is the run config (plus how it was launched, and which Slurm job and attempt).
     resolved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
     assert {key: run.config[key] for key in resolved} == resolved
     assert run.config["launch"] == {"num_processes": 1, "device": "cpu"}
-    assert run.config["slurm"] == {
+    (job,) = run.config["slurm"]["jobs"]  # one per start: tests/scenarios/test_requeue.py
+    assert job == {
         "job_id": "4242",
         "array_job_id": None,
         "array_task_id": None,
@@ -288,7 +289,7 @@ def test_summary_keeps_the_best_model_artifacts_hold_it_and_evaluate_adds_to_the
 
     (file,) = offline_run_files(run_dir)
     run = read_offline_run(file)
-    assert run.name == "smoke-4240_3" and run.config["slurm"]["array_task_id"] == "3"  # an array task's name
+    assert run.name == "smoke-4240_3" and run.config["slurm"]["jobs"][0]["array_task_id"] == "3"  # an array task's
     evals = [m for m in read_metrics(run_dir) if "fid" in m]
     assert [m["step"] for m in evals] == [16, 32, 48]
     best = min(evals, key=lambda m: m["fid"])

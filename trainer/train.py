@@ -23,9 +23,11 @@ from trainer.core.config import parse_args  # noqa: E402
 from trainer.util.errors import RunError, UserError  # noqa: E402
 
 
-def _is_main_process() -> bool:
-    """Errors can come before the Accelerator exists: the launcher's RANK says which process prints them."""
-    return os.environ.get("RANK", "0") == "0"
+def _reports(exc: BaseException) -> bool:
+    """The main process prints errors (they can come before the Accelerator exists: the launcher's RANK
+    says which one it is); others reach it through trainer/util/ranks.py. Another process prints one
+    only it can report (its node's preparation failed)."""
+    return os.environ.get("RANK", "0") == "0" or getattr(exc, "report_here", False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
         train(cfg)
     except (UserError, RunError) as exc:
-        if _is_main_process():
+        if _reports(exc):
             print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     return 0

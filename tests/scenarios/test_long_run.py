@@ -5,13 +5,19 @@ Two gloo processes train 48 steps (3 epochs of 16) with an evaluation every 10 s
 grids every 10 steps and at epoch ends, and checkpoints every 10 steps with only 2 kept. Checks:
 every due evaluation is in metrics.jsonl once; the best checkpoint is the lowest FID's and survived
 rotation; the grids are there; the offline W&B run holds every FID row of metrics.jsonl at its images
-seen, and its summary the lowest FID with best/step and best/fid from best.json.
+seen, and its summary the lowest FID with best/step and best/fid from best.json. The plotting scripts
+in docs/ draw the run from its metrics.jsonl.
 """
 
 from __future__ import annotations
 
-import pytest
+import subprocess
+import sys
 
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO
 from tests.scenarios.harness import best, env, evaluations, recipe, train, wandb_evaluations, wandb_runs
 
 pytestmark = pytest.mark.slow
@@ -42,3 +48,21 @@ def test_several_evaluations_grids_rotation_and_one_wandb_run_on_two_ranks(tmp_p
     assert run.summary["eval/fid"]["min"] == best_fid
     assert (run.summary["best/step"], run.summary["best/fid"]) == (best_step, best_fid)
     assert run.summary["best/checkpoint"] == str((run_dir / "checkpoints" / record["checkpoint"]).resolve())
+
+    # The plotting scripts on this run: every chart from the rows that have its key, epochs from the rows
+    for script in ("plot_run.py", "plot_quality_curve.py"):
+        out = tmp_path / f"{script}.png"
+        done = subprocess.run(
+            [sys.executable, str(REPO / "docs" / script), str(run_dir), str(out)], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        with Image.open(out) as image:
+            assert image.size[0] > 800 and image.getextrema() != ((255, 255),) * 3
+    table = [line for line in done.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [line.split(" | ")[:2] for line in table] == [  # 16 steps per epoch, from the rows
+        ["| 0.62", "10"],
+        ["| 1.25", "20"],
+        ["| 1.88", "30"],
+        ["| 2.50", "40"],
+        ["| 3.00", "48"],
+    ]

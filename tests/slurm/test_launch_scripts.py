@@ -146,11 +146,13 @@ def test_warning_signal_checkpoints_requeues_and_resumes_to_the_same_weights(slu
     assert [m["images_seen"] for m in read_metrics(run_dir)] == [s * 16 for s in expected]
     for name in ("generator.safetensors", "discriminator.safetensors"):
         assert _same(reference / name, run_dir / name), name
-    # One W&B run (offline here) across both starts, grouped under the Slurm job id.
+    # One W&B run (offline here) across both starts: its first start's name (run.name and the job) and
+    # group (run.name); the requeue (same job id, the next restart) is listed beside the first start.
     files = offline_run_files(run_dir)
     runs = [read_offline_run(path) for path in files]
     assert len(runs) == 2 and len({r.run_id for r in runs}) == 1, [p.parent.name for p in files]
-    assert {r.group for r in runs} == {job}
+    assert {(r.name, r.group) for r in runs} == {(f"smoke-{job}", "smoke")}
+    assert [(j["job_id"], j["restart_count"]) for j in runs[1].config["slurm"]["jobs"]] == [(job, 0), (job, 1)]
 
 
 def test_scancel_checkpoints_and_does_not_requeue(slurm_cluster, tmp_path):

@@ -133,6 +133,9 @@ def one_process_first(work: Callable[[], Any], *, name: str, per_node: bool = Fa
             result = work()
         except (UserError, RunError) as exc:
             store.set(key, json.dumps({"error": str(exc), "exit_code": exc.exit_code}))
+            # Printed here even off the main process (a node's own preparation with data.cache_per_node):
+            # the main process may have succeeded and would never say why the job ends.
+            exc.report_here = True
             raise
         except BaseException as exc:
             store.set(key, json.dumps({"error": f"{type(exc).__name__}: {exc}", "exit_code": 1}))
