@@ -48,7 +48,6 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.utils import load as accelerate_load
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from trainer.core.config import Config, ModelConfig, fixed_on_resume, flatten, to_dict, to_yaml
 from trainer.core.models import Generator
@@ -549,11 +548,6 @@ def load_generator(checkpoint: Path, model: ModelConfig, raw: bool = False) -> t
 def _export_state(state: dict[str, Any], path: Path, model_cfg: ModelConfig, step: int) -> None:
     metadata = {"model": json.dumps(vars(model_cfg)), "step": str(step), "format": "pt"}
     write_atomic(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
-
-
-def export_weights(module: nn.Module, path: Path, model_cfg: ModelConfig, step: int) -> None:
-    """A safetensors file that needs no trainer to read; the model settings ride in its metadata."""
-    _export_state({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, path, model_cfg, step)
 
 
 def _holds(name: str) -> str:
