@@ -76,11 +76,11 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=80)
 
-    print(f"| {unit} | step | FID | KID x 1000 | score | eval s |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print(("| epoch " if per else "") + "| step | FID | KID x 1000 | score | eval s |")
+    print(("|---:" if per else "") + "|---:|---:|---:|---:|---:|")
     for r in evals:
         print(
-            f"| {x(r):.2f} | {r['step']} | {r['fid']:.2f} | {1000 * r['kid_mean']:.2f} | "
+            (f"| {x(r):.2f} " if per else "") + f"| {r['step']} | {r['fid']:.2f} | {1000 * r['kid_mean']:.2f} | "
             f"{r['is_mean']:.2f} ± {r['is_std']:.2f} | {r.get('eval_s', float('nan')):.0f} |"
         )
 

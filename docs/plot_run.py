@@ -41,7 +41,7 @@ def plot_run(run_dir: Path, out: Path) -> None:
     for ax, (title, names, scale) in zip(axes.flat, PANELS, strict=False):
         for name in names:
             having = [row for row in rows if name in row]  # evaluation rows have no losses, and vice versa
-            style = "o-" if name in ("fid", "is_mean") else "-"
+            style = "o-" if name in ("fid", "is_mean") or len(having) < 20 else "-"  # a few points: visible
             ax.plot([row["images_seen"] / 1000 for row in having], [row[name] for row in having], style, label=name)
         ax.set_title(title)
         ax.set_xlabel("thousand images seen")
@@ -54,7 +54,8 @@ def plot_run(run_dir: Path, out: Path) -> None:
     shown = [(axes[1, 2], samples / "real.png", "samples/real")]
     if grids:
         newest = max(grids, key=lambda p: p.stat().st_mtime)
-        shown.append((axes[1, 3], newest, f"samples/fixed_noise ({newest.stem.replace('_', ' ').lstrip('0')})"))
+        kind, number = newest.stem.split("_")
+        shown.append((axes[1, 3], newest, f"samples/fixed_noise ({kind} {int(number)})"))
     for ax in axes[1, 2:]:
         ax.axis("off")
     for ax, path, title in shown:
