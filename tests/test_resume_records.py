@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import launch_command, read_metrics, run_command, run_trainer, smoke_args, trainer_env
+from tests.conftest import launch_command, read_metrics, run_trainer, smoke_args, trainer_env
 from tests.test_reliability import run_with_faults
 from tests.test_training import _wait_for
 from trainer.core import data, packed
@@ -179,13 +179,3 @@ def test_sixteen_bit_and_transparent_images_are_converted_not_clipped(tmp_path):
             load_config(None, ["data.source=folder", f"data.root={root}", "data.packed=false"]).data, 8, 0
         )
     assert any("1 of 2 images have an alpha channel" in str(w.message) for w in caught)
-
-
-def test_a_launch_that_starts_one_process_instead_of_several_says_so(tmp_path):
-    """`accelerate launch --num_processes 2` without --multi_gpu runs one process (on a CPU machine)."""
-    command = launch_command(smoke_args(tmp_path / "run", "train.max_steps=2", *QUIET), processes=2)
-    command.remove("--multi_gpu")
-    proc = run_command(command, trainer_env(), timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "(16 per process x 1)" in proc.stdout  # one process trained
-    assert "warning: `accelerate launch` started ONE process" in proc.stderr and "--multi_gpu" in proc.stderr
