@@ -35,11 +35,20 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 def test_the_run_root_holds_the_newest_checkpoint_s_weights_even_after_a_kill_and_export_reads_any(tmp_path):
     run_dir = tmp_path / "run"
     args = ["data.fake_size=2048", "train.epochs=1", "train.ema_decay=0.9", "ckpt.every_steps=10", "ckpt.keep=3"]
-    proc = start_trainer(smoke_args(run_dir, *args, "log.tracker=none"))
+    proc = start_trainer(smoke_args(run_dir, *args, "log.tracker=none"))  # one process: proc is the trainer
     try:
         _wait_for(run_dir / "checkpoints" / "step-00000030", proc, timeout=180)
-        time.sleep(1.0)
-        proc.send_signal(signal.SIGKILL)  # no clean end: the run root must still hold the newest weights
+        # Freeze the run where no checkpoint is between its publication and the refresh of the run
+        # root's files (a moment, documented), then kill it: no clean end, no end-of-run export.
+        for _ in range(50):
+            proc.send_signal(signal.SIGSTOP)
+            newest = complete_checkpoints(run_dir / "checkpoints")[-1]
+            last = run_dir / "discriminator.safetensors"  # refreshed last, after G and its EMA
+            if last.is_file() and _step_and_tensors(last)[0] == int(newest.name.split("-")[1]):
+                break
+            proc.send_signal(signal.SIGCONT)
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
         proc.kill()

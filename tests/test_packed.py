@@ -12,7 +12,7 @@ from PIL import Image
 from tests.conftest import REPO, run_trainer, write_image_tree
 from trainer.core.config import DataConfig
 from trainer.core.data import build_dataloader, build_packed, pil_to_uint8, to_model_input
-from trainer.core.packed import PackedImages, file_fingerprint
+from trainer.core.packed import FORMAT_VERSION, PackedImages, file_fingerprint
 
 
 def _cfg(root: Path, cache: Path) -> DataConfig:
@@ -59,7 +59,7 @@ def test_cache_is_reused_and_invalidated_by_changes(tmp_path):
     Image.new("RGB", (32, 32)).save(root / "a" / "new.png")  # an added file
     assert len(build_packed(_cfg(root, cache), resolution=32)) == 9
     assert not list(cache.glob(".tmp-*"))
-    assert all(json.loads(m.read_text())["format_version"] == 1 for m in cache.glob("*.json"))
+    assert all(json.loads(m.read_text())["format_version"] == FORMAT_VERSION for m in cache.glob("*.json"))
 
 
 def test_a_touched_file_alone_changes_the_key_and_rebuilds(tmp_path):
