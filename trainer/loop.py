@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from trainer.core.checkpoint import EMA_FILE, Checkpointer, TrainState, export_weights
-from trainer.core.config import Config, evaluation_enabled, to_dict, to_yaml
+from trainer.core.config import Config, changed_keys, evaluation_enabled, to_yaml
 from trainer.core.data import build_dataloader, open_dataset, to_model_input
 from trainer.core.ema import GeneratorEMA
 from trainer.core.models import build_networks
@@ -29,7 +29,7 @@ from trainer.monitor.run_lock import RunLock
 from trainer.monitor.stopping import StopRequest, exit_with_launcher
 from trainer.monitor.tracking import Tracker, TrackerChoice, choose_tracker
 from trainer.prepare import prepare_before_launch
-from trainer.quality.fid import Evaluator
+from trainer.quality.fid import Evaluator, score_label
 from trainer.util.atomic import write_text_atomic
 from trainer.util.errors import DivergenceError, RunError
 from trainer.util.ranks import main_decides, one_process_first
@@ -77,7 +77,7 @@ def _train(
     if took_over:
         console.print(f"warning: took over the run lock of a run that is gone ({took_over})")
     tracker = Tracker(cfg, tracking, accelerator, console)
-    console.config(to_dict(cfg), str(run_dir / "config.yaml"))
+    console.config(changed_keys(cfg), str(run_dir / "config.yaml"))  # the rest is at its defaults
 
     checkpointer = Checkpointer(run_dir, accelerator, cfg.ckpt.keep)
     resume_from = checkpointer.find_resume_point(cfg.run.resume, cfg)  # fails before anything is written
@@ -167,7 +167,8 @@ def _train(
                 tracker.log_best(checkpointer.dir)  # W&B summary best/*, and the best artifact if asked
         console.print(
             f"eval step {state.step} epoch {state.epoch} | FID {scores['fid']:.3f} | "
-            f"IS {scores['is_mean']:.3f} ± {scores['is_std']:.3f} | KID {scores['kid_mean']:.5f} ± "
+            f"{score_label(cfg.eval.feature_extractor, short=True)} {scores['is_mean']:.3f} ± {scores['is_std']:.3f} | "
+            f"KID {scores['kid_mean']:.5f} ± "
             f"{scores['kid_std']:.5f} | {results['num_samples']} samples, {weights} generator, "
             f"{results['eval_s']:.0f}s" + (" | best so far: checkpoint kept" if kept else "")
         )
