@@ -21,6 +21,7 @@ from trainer.core.ema import GeneratorEMA
 from trainer.core.models import build_networks
 from trainer.core.runtime import build_accelerator, check_against_hardware
 from trainer.core.step import GANStep
+from trainer.monitor import sweep
 from trainer.monitor.console import Console, RunSummary, format_duration
 from trainer.monitor.grids import fixed_noise, save_generator_grid, save_real_grid
 from trainer.monitor.health import NonFinite, NonFiniteWatch
@@ -51,6 +52,7 @@ def _stop_if_write_fails(what: str, path: Path, checkpointer: Checkpointer) -> I
 def train(cfg: Config) -> RunSummary:
     """One training run. Before anything else, the main process takes the run directory's lock, and
     the run's one-time preparation happens before the process group exists (see trainer.prepare)."""
+    cfg = sweep.place(cfg, sweep.current_trial())  # a W&B sweep trial trains in <run.dir>/<its run id>
     run_dir = Path(cfg.run.dir)
     tracking = choose_tracker(cfg)  # W&B online without credentials fails here, before anything is written
     lock = RunLock(run_dir)
@@ -300,13 +302,16 @@ def _train(
         last_metrics=last_metrics,
         checkpoint=final_checkpoint,
     )
+    # A sweep trial stopped by its job script (time limit, preemption) goes back to the sweep's queue.
+    requeue = tracker.trial is not None and summary.stopped_early and sweep.requeue_wanted(stop.reason)
+    resume_hint = "W&B requeues this trial; the next agent resumes it" if requeue else "run the same command to resume"
     # Finishes the tracker run (W&B prints its own summary) and tears down the process group:
     # nothing collective may follow, only rank 0's summary.
-    tracker.finish()
+    tracker.finish(requeue)
     accelerator.end_training()
     console.print(
         f"{'stopped' if summary.stopped_early else 'finished'} at step {state.step}/{total_steps}"
-        + (f" ({stop.reason}); run the same command to resume" if summary.stopped_early else "")
+        + (f" ({stop.reason}); {resume_hint}" if summary.stopped_early else "")
         + f" | {format_duration(elapsed)}, {summary.images_per_s:.0f} img/s | checkpoint {final_checkpoint} | "
         f"samples {samples_dir} | weights {run_dir / 'generator.safetensors'}"
     )
