@@ -152,6 +152,8 @@ def _train(
             caption = f"step {state.step}, {state.images_seen} images seen"
             tracker.log_image("fixed_noise", samples_dir / name, state, caption)
 
+    is_label = score_label(cfg.eval.feature_extractor, short=True)  # IS, or a classifier score
+
     def evaluate() -> float:
         """FID / IS / KID of the shown generator (collective); keeps the best checkpoint. Returns seconds taken."""
         results = evaluator.evaluate(shown_g)
@@ -169,8 +171,7 @@ def _train(
                 tracker.log_best(checkpointer.dir)  # W&B summary best/*, and the best artifact if asked
         console.print(
             f"eval step {state.step} epoch {state.epoch} | FID {scores['fid']:.3f} | "
-            f"{score_label(cfg.eval.feature_extractor, short=True)} {scores['is_mean']:.3f} ± {scores['is_std']:.3f} | "
-            f"KID {scores['kid_mean']:.5f} ± "
+            f"{is_label} {scores['is_mean']:.3f} ± {scores['is_std']:.3f} | KID {scores['kid_mean']:.5f} ± "
             f"{scores['kid_std']:.5f} | {results['num_samples']} samples, {weights} generator, "
             f"{results['eval_s']:.0f}s" + (" | best so far: checkpoint kept" if kept else "")
         )
@@ -302,16 +303,15 @@ def _train(
         last_metrics=last_metrics,
         checkpoint=final_checkpoint,
     )
-    # A sweep trial stopped by its job script (time limit, preemption) goes back to the sweep's queue.
-    requeue = tracker.trial is not None and summary.stopped_early and sweep.requeue_wanted(stop.reason)
-    resume_hint = "W&B requeues this trial; the next agent resumes it" if requeue else "run the same command to resume"
     # Finishes the tracker run (W&B prints its own summary) and tears down the process group:
-    # nothing collective may follow, only rank 0's summary.
-    tracker.finish(requeue)
+    # nothing collective may follow, only rank 0's summary. A W&B sweep trial stopped by its job
+    # script (a time limit, a preemption) goes back to the sweep's queue.
+    requeued = tracker.finish(requeue=summary.stopped_early and sweep.requeue_wanted(stop.reason))
     accelerator.end_training()
+    resume = "W&B requeues this trial; the next agent resumes it" if requeued else "run the same command to resume"
     console.print(
         f"{'stopped' if summary.stopped_early else 'finished'} at step {state.step}/{total_steps}"
-        + (f" ({stop.reason}); {resume_hint}" if summary.stopped_early else "")
+        + (f" ({stop.reason}); {resume}" if summary.stopped_early else "")
         + f" | {format_duration(elapsed)}, {summary.images_per_s:.0f} img/s | checkpoint {final_checkpoint} | "
         f"samples {samples_dir} | weights {run_dir / 'generator.safetensors'}"
     )

@@ -487,10 +487,9 @@ class Tracker:
         self._guarded("logging a model artifact", log)
 
     def _describe(self, cfg: Config, run_dir: Path) -> str:
-        if self.kind == "wandb" and self.trial:
-            return f"{self._describe_wandb()}; {sweep.describe(self.trial)}"
         if self.kind == "wandb":
-            return self._describe_wandb()
+            line = self._describe_wandb()
+            return f"{line}; {sweep.describe(self.trial)}" if self.trial else line
         if self.kind == "tensorboard":
             return f"tracking: TensorBoard in {self.location}; view with: tensorboard --logdir {self.location}"
         return f"tracking: off ({self._why}); metrics go to {run_dir / 'metrics.jsonl'}"
@@ -530,16 +529,21 @@ class Tracker:
             self.kind = "none"
             self.acc.trackers = []  # so that end_training does not call it again
 
-    def finish(self, requeue: bool = False) -> None:
-        """Close the tracker run before `accelerator.end_training()`, tolerating a dead tracker. `requeue`
-        (a sweep trial stopped early by its job script): W&B puts the run back in the sweep's queue."""
-        if self.acc.trackers and requeue and self.kind == "wandb":
+    def finish(self, requeue: bool = False) -> bool:
+        """Close the tracker run before `accelerator.end_training()`, tolerating a dead tracker.
+
+        `requeue` (a run stopped early by its job script): a W&B sweep trial's run is ended so that W&B
+        puts it back in the sweep's queue. Returns whether that was done (main process).
+        """
+        requeued = False
+        if requeue and self.trial and self.kind == "wandb" and self.acc.trackers:
             run = self.acc.get_tracker("wandb", unwrap=True)
             self._guarded("finishing the run for a requeue", lambda: sweep.finish_for_requeue(run))
-            self.acc.trackers = []
+            requeued, self.acc.trackers = self.kind == "wandb", []  # kind is "none" if that failed
         if self.acc.trackers:
             self._guarded("finishing the run", lambda: [tracker.finish() for tracker in self.acc.trackers])
             self.acc.trackers = []
+        return requeued
 
     def log_metrics(self, metrics: Mapping[str, float], state: TrainState) -> None:
         """One dashboard row at `state.images_seen`; names get their section prefix (train/, opt/, ...)."""
