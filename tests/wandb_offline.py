@@ -65,6 +65,8 @@ class OfflineRun:
     summary: dict[str, Any] = field(default_factory=dict)  # the run summary as its last updates left it
     artifacts: list[dict[str, Any]] = field(default_factory=list)  # logged artifacts: name, type, aliases, files
     exit_code: int | None = None
+    sweep_id: str = ""  # the sweep of a run started by a W&B agent
+    preempting: bool = False  # run.mark_preempting() was called: W&B requeues the run if it ends non-zero
 
     def rows_with(self, key: str) -> list[dict[str, Any]]:
         return [row for row in self.history if key in row]
@@ -86,6 +88,7 @@ def read_offline_run(path: Path) -> OfflineRun:
         if kind == "run":
             r = record.run
             run.run_id, run.project, run.name, run.group = r.run_id, r.project, r.display_name, r.run_group
+            run.sweep_id = r.sweep_id
             run.tags = list(r.tags)
             for item in r.config.update:
                 _set(run.config, [item.key] if item.key else list(item.nested_key), json.loads(item.value_json))
@@ -113,6 +116,8 @@ def read_offline_run(path: Path) -> OfflineRun:
             run.artifacts.append(
                 {"name": a.name, "type": a.type, "aliases": list(a.aliases), "files": files, "metadata": metadata}
             )
+        elif kind == "preempting":
+            run.preempting = True
         elif kind == "exit":
             run.exit_code = record.exit.exit_code
     return run

@@ -1,8 +1,9 @@
 """`python -m trainer.evaluate <run dir or checkpoint> [--best] [--raw] [--bn-stats running|batch] [--out FILE] [key=value ...]`
 
-FID, Inception Score and KID of a checkpoint's generator (its EMA weights when it has them), with
-the settings it was trained with plus any overrides (e.g. eval.num_samples=50000). Prints a table
-and saves it as JSON and Markdown under `<run dir>/eval/`. Under `accelerate launch` every process
+FID, Inception Score (a classifier score with an extractor other than InceptionV3) and KID of a
+checkpoint's generator (its EMA weights when it has them), with the settings it was trained with
+plus any overrides (e.g. eval.num_samples=50000). Prints a table and saves it as JSON and Markdown
+under `<run dir>/eval/`. Under `accelerate launch` every process
 generates and embeds its share of the samples; the result equals a one-process evaluation.
 
 When the checkpoint was trained with W&B, the results are also added to that W&B run (its id is in
@@ -25,7 +26,7 @@ from trainer.core.runtime import build_accelerator
 from trainer.monitor.console import Console
 from trainer.monitor.tracking import POSTHOC, evaluation_target, log_evaluation
 from trainer.prepare import prepare_evaluation
-from trainer.quality.fid import Evaluator
+from trainer.quality.fid import Evaluator, score_label
 from trainer.util.errors import UserError
 from trainer.util.ranks import main_decides, one_process_first
 
@@ -78,7 +79,8 @@ def markdown_table(report: dict[str, Any]) -> str:
         "| metric | value | |",
         "|---|---|---|",
         f"| FID | {m['fid']:.4f} | lower is better |",
-        f"| Inception Score | {m['is_mean']:.4f} ± {m['is_std']:.4f} | higher is better |",
+        f"| {score_label(report['settings']['feature_extractor'])} | {m['is_mean']:.4f} ± {m['is_std']:.4f} | "
+        "higher is better |",
         f"| KID | {m['kid_mean']:.6f} ± {m['kid_std']:.6f} | lower is better (subsets of {m['kid_subset_size']}) |",
     ]
     return "\n".join(lines) + "\n"

@@ -16,12 +16,13 @@ from typing import Any
 import torch
 
 from trainer.core.checkpoint import Checkpointer, TrainState
-from trainer.core.config import Config, evaluation_enabled, to_dict, to_yaml
+from trainer.core.config import Config, changed_keys, evaluation_enabled, to_yaml
 from trainer.core.data import build_dataloader, open_dataset, to_model_input
 from trainer.core.ema import GeneratorEMA
 from trainer.core.models import build_networks
 from trainer.core.runtime import build_accelerator, check_against_hardware
 from trainer.core.step import GANStep
+from trainer.monitor import sweep
 from trainer.monitor.console import Console, RunSummary, format_duration
 from trainer.monitor.grids import fixed_noise, save_generator_grid, save_real_grid
 from trainer.monitor.health import NonFinite, NonFiniteWatch
@@ -31,7 +32,7 @@ from trainer.monitor.run_status import RunStatus
 from trainer.monitor.stopping import StopRequest, exit_with_launcher, launch_started
 from trainer.monitor.tracking import Tracker, TrackerChoice, choose_tracker
 from trainer.prepare import prepare_before_launch
-from trainer.quality.fid import Evaluator
+from trainer.quality.fid import Evaluator, score_label
 from trainer.util.atomic import write_text_atomic
 from trainer.util.errors import DivergenceError, RunError, UserError
 from trainer.util.ranks import main_decides, one_process_first
@@ -53,6 +54,7 @@ def _stop_if_write_fails(what: str, path: Path, checkpointer: Checkpointer) -> I
 def train(cfg: Config) -> RunSummary:
     """One training run. Before anything else, the main process takes the run directory's lock, and
     the run's one-time preparation happens before the process group exists (see trainer.prepare)."""
+    cfg = sweep.place(cfg, sweep.current_trial())  # a W&B sweep trial trains in <run.dir>/<its run id>
     run_dir = Path(cfg.run.dir)
     started = launch_started()  # a STOP file written after this is meant for this start
     tracking = choose_tracker(cfg)  # W&B online without credentials fails here, before anything is written
@@ -90,7 +92,7 @@ def _train(
     if took_over:
         console.print(f"warning: took over the run lock of a run that is gone ({took_over})")
     tracker = Tracker(cfg, tracking, accelerator, console)
-    console.config(to_dict(cfg), str(run_dir / "config.yaml"))
+    console.config(changed_keys(cfg), str(run_dir / "config.yaml"))  # the rest is at its defaults
 
     checkpointer = Checkpointer(run_dir, accelerator, cfg.ckpt.keep)
     resume_from = checkpointer.find_resume_point(cfg.run.resume, cfg, use_sync_bn)  # fails before anything is written
@@ -197,6 +199,8 @@ def _train(
             append_metrics(run_dir / "metrics.jsonl", state, record, images_per_s)
         tracker.log_metrics({**record, "images_per_s": images_per_s}, state)
 
+    is_label = score_label(cfg.eval.feature_extractor, short=True)  # IS, or a classifier score
+
     def evaluate(owed: bool = False) -> float:
         """FID / IS / KID of the shown generator (collective); keeps the best checkpoint. Returns seconds taken.
 
@@ -220,7 +224,7 @@ def _train(
         main_decides(accelerator, record)
         console.print(
             f"eval step {state.step} epoch {state.epoch} | FID {scores['fid']:.3f} | "
-            f"IS {scores['is_mean']:.3f} ± {scores['is_std']:.3f} | KID {scores['kid_mean']:.5f} ± "
+            f"{is_label} {scores['is_mean']:.3f} ± {scores['is_std']:.3f} | KID {scores['kid_mean']:.5f} ± "
             f"{scores['kid_std']:.5f} | {results['num_samples']} samples, {weights} generator, "
             f"{results['eval_s']:.0f}s" + (" | best so far: checkpoint kept" if kept else "")
         )
@@ -359,12 +363,14 @@ def _train(
         checkpoint=str(final_checkpoint),
     )
     # Finishes the tracker run (W&B prints its own summary) and tears down the process group:
-    # nothing collective may follow, only rank 0's summary.
-    tracker.finish()
+    # nothing collective may follow, only rank 0's summary. A W&B sweep trial stopped by its job
+    # script (a time limit, a preemption) goes back to the sweep's queue.
+    requeued = tracker.finish(requeue=summary.stopped_early and sweep.requeue_wanted(stop.reason))
     accelerator.end_training()
+    resume = "W&B requeues this trial; the next agent resumes it" if requeued else "run the same command to resume"
     console.print(
         f"{'stopped' if summary.stopped_early else 'finished'} at step {state.step}/{total_steps}"
-        + (f" ({stop.reason}); run the same command to resume" if summary.stopped_early else "")
+        + (f" ({stop.reason}); {resume}" if summary.stopped_early else "")
         + f" | {format_duration(elapsed)}, {summary.images_per_s:.0f} img/s | checkpoint {final_checkpoint} | "
         f"samples {samples_dir} | weights {run_dir / 'generator.safetensors'}"
     )

@@ -101,8 +101,10 @@ if [[ -n $keeper_pid ]]; then kill "$keeper_pid" && wait "$keeper_pid"; fi 2>/de
 rm -f "$run_dir/STOP"
 
 if [[ $stop_signal == "$warning_signal" && $status == 0 ]]; then
-    log "the trainer stopped cleanly; requeueing job $SLURM_JOB_ID, which resumes from the newest checkpoint"
-    scontrol requeue "$SLURM_JOB_ID"
+    # An array task by <array job>_<task>: its own job id may be the array's, which names every task.
+    this_job=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
+    log "the trainer stopped cleanly; requeueing job ${this_job:-$SLURM_JOB_ID}, which resumes from the newest checkpoint"
+    scontrol requeue "${this_job:-$SLURM_JOB_ID}"
 fi
 log "training exited with status $status"
 exit "$status"

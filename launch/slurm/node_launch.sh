@@ -7,7 +7,9 @@
 #   SLURM_JOB_NUM_NODES  -> --num_machines
 #   SLURM_NODEID         -> --machine_rank (node 0 hosts the rendezvous and global rank 0)
 #   SLURM_JOB_NODELIST   -> --main_process_ip: the first host of `scontrol show hostnames`, at the
-#                           address Slurm itself reaches that node by (its NodeAddr)
+#                           address Slurm itself reaches that node by (its NodeAddr). Where scontrol
+#                           cannot answer (no Slurm: DRY_RUN on a laptop), the first host is read off
+#                           the list itself (gpu[001-008] -> gpu001) and used by name.
 #   SLURM_JOB_ID         -> --main_process_port: 20000 + job id % 10000 unless MAIN_PROCESS_PORT is
 #                           set, so two jobs sharing a node do not collide
 #   SLURM_GPUS_ON_NODE   -> processes per node, unless PROCS_PER_NODE is set; --num_processes is
@@ -26,11 +28,24 @@ if [[ -z $procs_per_node || $procs_per_node == 0 ]]; then
 fi
 num_machines=$SLURM_JOB_NUM_NODES
 
-mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
-# A node name need not resolve as a host name (it does not on the tests' one-machine cluster);
-# NodeAddr is the address slurmctld reaches the node at, and defaults to the node name.
-main_ip=$(scontrol -o show node "${hosts[0]}" 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p' || true)
-main_ip=${main_ip:-${hosts[0]}}
+: "${SLURM_JOB_NODELIST:?set SLURM_JOB_NODELIST (srun sets it), e.g. gpu[001-008]}"
+first_host=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n 1 || true)
+if [[ -n $first_host ]]; then
+    # A node name need not resolve as a host name (it does not on the tests' one-machine cluster);
+    # NodeAddr is the address slurmctld reaches the node at, and defaults to the node name.
+    main_ip=$(scontrol -o show node "$first_host" 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p' || true)
+else
+    # No Slurm here (no scontrol, or no cluster to ask): Slurm's host list syntax, first host only,
+    # prefix[001-008,010]suffix,other -> prefix001suffix.
+    first_host=${SLURM_JOB_NODELIST%%,*}
+    if [[ $SLURM_JOB_NODELIST == *\[* && ${SLURM_JOB_NODELIST%%\[*} != *,* ]]; then
+        ranges=${SLURM_JOB_NODELIST#*\[}
+        rest=${ranges#*\]}
+        first_host=${SLURM_JOB_NODELIST%%\[*}${ranges%%[-,\]]*}${rest%%,*}
+    fi
+    main_ip=""
+fi
+main_ip=${main_ip:-$first_host}
 
 cmd=(
     accelerate launch

@@ -18,7 +18,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from trainer.util.errors import ConfigError
@@ -178,7 +178,10 @@ class EvalConfig:
     seed: int = setting(0, "the latents: sample i of every evaluation uses the same vector")
     feature_extractor: str = setting(
         "inception-v3-compat",
-        "a torch-fidelity extractor name, or module:Class of a torch_fidelity.FeatureExtractorBase subclass",
+        "inception-v3-compat (torch-fidelity's InceptionV3, the standard FID; downloads its weights once), "
+        "cifar10-classifier (this project's CIFAR-10 classifier, offline: train it with python -m "
+        "trainer.quality.classifier and pass its file as eval.feature_extractor_weights; its IS is a classifier "
+        "score), another torch-fidelity extractor name, or module:Class of a FeatureExtractorBase subclass",
     )
     feature_extractor_weights: str | None = setting(
         None, "a local weights file, for clusters without internet (see the README, Evaluate)"
@@ -271,12 +274,46 @@ def _merge(base: DictConfig, layer: DictConfig, origin: str) -> DictConfig:
 ENV_OVERRIDES = "DCGAN_OVERRIDES"
 
 
+def _is_item_key(key: str) -> bool:
+    """`train.betas.0`: a key that names one item of a list (its last part is an index)."""
+    return "." in key and key.rsplit(".", 1)[1].isdigit()
+
+
+def _apply_overrides(merged: DictConfig, items: list[str], origin: str) -> DictConfig:
+    """`key=value` items onto the config. A key ending in an index sets one list item (`train.betas.0=0.3`:
+    what a sweep over beta1 passes); OmegaConf's dotlist cannot address list items, its `update` can."""
+    whole = [item for item in items if not _is_item_key(item.split("=", 1)[0])]
+    try:
+        layer = OmegaConf.from_dotlist(whole)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot parse overrides {whole} ({origin}): {_first_line(exc)}") from None
+    merged = _merge(merged, layer, origin)
+    for item in items:
+        key, value = item.split("=", 1)
+        if not _is_item_key(key):
+            continue
+        parent, index = key.rsplit(".", 1)
+        node = OmegaConf.select(merged, parent, default=None)
+        if not isinstance(node, ListConfig) or int(index) >= len(node):
+            size = f"a list of {len(node)} items" if isinstance(node, ListConfig) else "not a list"
+            raise ConfigError(
+                f"'{key}' ({origin}) names item {index} of '{parent}', which is {size}; "
+                "e.g. train.betas.0=0.3 sets beta1"
+            )
+        try:
+            OmegaConf.update(merged, key, OmegaConf.from_dotlist([f"v={value}"]).v, merge=False)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"bad value for '{key}' ({origin}): {_first_line(exc)}") from None
+    return merged
+
+
 def load_config(config_file: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Schema defaults <- YAML file <- dotted overrides <- $DCGAN_OVERRIDES, validated. Raises ConfigError.
 
     $DCGAN_OVERRIDES holds `key=value` overrides (shell-quoted, space-separated) applied after the
     command line's, by every tool that reads a config: site-wide settings on a cluster, or the
-    README test's tiny settings (tests/test_readme.py).
+    README test's tiny settings (tests/test_readme.py). A key may end in a list index:
+    `train.betas.0=0.3` sets the first item.
     """
     merged = OmegaConf.structured(Config)
     if config_file is not None:
@@ -293,22 +330,17 @@ def load_config(config_file: str | None = None, overrides: list[str] | tuple[str
     bad = [item for item in overrides if "=" not in item or item.startswith("=")]
     if bad:
         raise ConfigError(f"override '{bad[0]}' is not of the form key=value, e.g. train.epochs=5")
-    try:
-        layer = OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"cannot parse overrides {list(overrides)}: {_first_line(exc)}") from None
-    merged = _merge(merged, layer, "on the command line")
+    merged = _apply_overrides(merged, list(overrides), "on the command line")
     from_env = os.environ.get(ENV_OVERRIDES, "").strip()
     if from_env:
         try:
             env_items = shlex.split(from_env)
-            bad = [item for item in env_items if "=" not in item or item.startswith("=")]
-            if bad:
-                raise ConfigError(f"${ENV_OVERRIDES}: '{bad[0]}' is not of the form key=value, e.g. train.epochs=5")
-            layer = OmegaConf.from_dotlist(env_items)
-        except (ValueError, OmegaConfBaseException) as exc:
+        except ValueError as exc:
             raise ConfigError(f"cannot parse ${ENV_OVERRIDES}={from_env!r}: {str(exc).splitlines()[0]}") from None
-        merged = _merge(merged, layer, f"in ${ENV_OVERRIDES}")
+        bad = [item for item in env_items if "=" not in item or item.startswith("=")]
+        if bad:
+            raise ConfigError(f"${ENV_OVERRIDES}: '{bad[0]}' is not of the form key=value, e.g. train.epochs=5")
+        merged = _apply_overrides(merged, env_items, f"in ${ENV_OVERRIDES}")
     try:
         cfg: Config = OmegaConf.to_object(merged)  # resolves ${run.name} in run.dir
     except OmegaConfBaseException as exc:
@@ -428,6 +460,14 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def changed_keys(cfg: Config) -> dict[str, Any]:
+    """The keys whose value differs from the schema default, dotted, in schema order: what a start prints
+    (config.yaml holds them all). run.dir counts as changed only when it is not runs/<run.name>."""
+    default = flatten(OmegaConf.to_container(OmegaConf.structured(Config), resolve=True))  # type: ignore[arg-type]
+    default["run.dir"] = f"runs/{cfg.run.name}"  # the schema's runs/${run.name}, for this run's name
+    return {key: value for key, value in flatten(to_dict(cfg)).items() if default.get(key) != value}
+
+
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
@@ -492,8 +532,34 @@ def build_parser(prog: str = "dcgan-train", description: str = TRAIN_DESCRIPTION
     parser.add_argument(
         "--print-config", action="store_true", help="resolve and validate the config, print it as YAML, exit"
     )
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides, e.g. train.lr=1e-4 (also --train.lr=1e-4, the form a W&B sweep agent passes); "
+        "a list item by its index: train.betas.0=0.3",
+    )
     return parser
+
+
+def _dashed_overrides(argv: list[str]) -> list[str]:
+    """`--train.lr=1e-4` and `--train.lr 1e-4` (what W&B agents pass for ${args} and ${args_no_equals}) as
+    `train.lr=1e-4`. Config keys are dotted, so no option of ours (--config, --print-config) is taken."""
+    out: list[str] = []
+    items = iter(argv)
+    for item in items:
+        key = item[2:].split("=", 1)[0]
+        if item.startswith("--") and "." in key and not key.startswith("."):
+            if "=" in item:
+                out.append(item[2:])
+            else:
+                value = next(items, None)
+                if value is None:
+                    raise ConfigError(f"{item} has no value; write {key}=VALUE, e.g. train.lr=1e-4")
+                out.append(f"{key}={value}")
+        else:
+            out.append(item)
+    return out
 
 
 def program_name(console_script: str, otherwise: str) -> str:
@@ -504,6 +570,7 @@ def program_name(console_script: str, otherwise: str) -> str:
 def parse_args(argv: list[str] | None = None, prog: str | None = None, description: str = TRAIN_DESCRIPTION) -> Config:
     """The config of a training command line. `--help` and `--print-config` print and exit 0 (SystemExit)."""
     prog = prog or program_name("dcgan-train", "trainer/train.py")
+    argv = _dashed_overrides(sys.argv[1:] if argv is None else list(argv))
     args = build_parser(prog, description).parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     if args.print_config:

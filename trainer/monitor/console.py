@@ -60,22 +60,25 @@ class Console:
             self._rich.print(*objects, **kwargs)
 
     # ---- start ---------------------------------------------------------------------------
-    def config(self, config: Mapping[str, Any], path: str) -> None:
-        """The resolved config as a table of dotted keys, grouped by section."""
+    def config(self, changed: Mapping[str, Any], path: str) -> None:
+        """The resolved config, compactly: the keys that differ from the defaults, dotted; `path`
+        (config.yaml) holds every key."""
         if not self.enabled:
             return
-        table = Table(title=f"resolved config ({path})", box=box.SIMPLE_HEAD, title_justify="left")
+        if not changed:
+            self._rich.print(f"resolved config ({path}): every key at its default (--help lists them)")
+            return
+        table = Table(
+            title=f"resolved config ({path})",
+            caption=f"the keys that differ from the defaults (--help lists the defaults); {path} holds every key",
+            box=box.SIMPLE_HEAD,
+            title_justify="left",
+            caption_justify="left",
+        )
         table.add_column("key", no_wrap=True)
         table.add_column("value", overflow="fold")
-        for section, values in config.items():
-            rows = (
-                [(f"{section}.{k}", v) for k, v in values.items()]
-                if isinstance(values, Mapping)
-                else [(section, values)]
-            )
-            for index, (key, value) in enumerate(rows):
-                # Text, not str: rich would read a value such as [a, b] as markup and drop it
-                table.add_row(key, Text(_format_value(value)), end_section=index == len(rows) - 1)
+        for key, value in changed.items():
+            table.add_row(key, Text(_format_value(value)))  # Text: rich would read [a, b] as markup
         self._rich.print(table)
 
     # ---- during training -----------------------------------------------------------------

@@ -4,7 +4,8 @@ SIGTERM (Slurm's time limit, `kill`), SIGINT (Ctrl-C) and SIGUSR1 (Slurm's warni
 flag; the loop finishes its step, the ranks agree (one all-reduce every `check_every` steps, so
 the step pays no host sync), write a checkpoint, and exit 0. The file matters because
 `accelerate launch` (torchrun) does not forward SIGUSR1 to its workers: a batch script that traps
-the signal touches `<run.dir>/STOP` instead, which every node sees on a shared filesystem.
+the signal touches `<run.dir>/STOP` instead, which every node sees on a shared filesystem, or the
+file named by $DCGAN_STOP_FILE when it cannot know run.dir (a sweep trial's, monitor/sweep.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ import torch
 from accelerate import Accelerator
 
 STOP_FILE = "STOP"
+# A second STOP file, named by the job script: for scripts that cannot know run.dir (a sweep agent
+# chooses the trial, and with it the directory). The trainer never deletes it; its script does.
+STOP_FILE_ENV = "DCGAN_STOP_FILE"
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
@@ -50,6 +54,7 @@ class StopRequest:
     def __init__(self, run_dir: Path, accelerator: Accelerator, check_every: int = 10, started: float = 0.0) -> None:
         """`started`: when this start began (`launch_started`); a STOP file older than that is removed."""
         self.file = Path(run_dir) / STOP_FILE
+        self.files = [self.file] + ([Path(os.environ[STOP_FILE_ENV])] if os.environ.get(STOP_FILE_ENV) else [])
         self.acc = accelerator
         self.check_every = check_every
         self.reason: str | None = None
@@ -74,8 +79,9 @@ class StopRequest:
         if step % self.check_every:
             return False
         local = self.reason is not None
-        if not local and self.acc.is_main_process and self.file.exists():
-            self.reason = f"{self.file} exists"
+        found = next((f for f in self.files if f.exists()), None) if self.acc.is_main_process and not local else None
+        if found is not None:
+            self.reason = f"{found} exists"
             local = True
         if self.acc.num_processes > 1:
             flag = torch.tensor([1.0 if local else 0.0], device=self.acc.device)

@@ -52,7 +52,7 @@ from trainer.core.checkpoint import (
     read_best,
 )
 from trainer.core.config import Config, LogConfig, flatten, to_dict
-from trainer.monitor import model_artifacts
+from trainer.monitor import model_artifacts, sweep
 from trainer.monitor.console import Console
 from trainer.util.errors import ConfigError, TrackingError
 from trainer.util.ranks import main_decides
@@ -189,13 +189,56 @@ def slurm_job(environ: Mapping[str, str] = os.environ) -> dict[str, Any] | None:
     }
 
 
-def run_display_name(cfg: Config, environ: Mapping[str, str] = os.environ) -> str:
-    """The W&B run name: run.name, plus the Slurm job (array jobs: <array job>_<task>) when there is one.
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_short(v) for v in value) + "]"
+    return str(value)
 
-    Decided at the run's first start and kept in its checkpoints: a requeue as a new job keeps it.
+
+NAME_LIMIT = 128  # W&B shows names in tables and chart legends: keep them to a line
+
+
+def display_name(
+    run_name: str,
+    *,
+    trial_id: str | None = None,
+    seed: int | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    slurm_job: str | None = None,
+) -> str:
+    """The W&B run name: `run_name`, plus what tells apart the runs that share it.
+
+    A sweep trial is `<run_name>/<trial_id>` (the last two parts of its run directory); any other run
+    gets the Slurm job after a dash (`<array job>_<task>` for an array task). Then the `overrides` that
+    make this run differ (a trial's parameters: keys without their section, values to 4 digits) and the
+    seed when it is not 0 and not among them: `dcgan_cifar10/k3j9x2ab lr=0.0003102 betas.0=0.42`,
+    `dcgan_cifar10-4240_3 seed=2`.
     """
+    head = f"{run_name}/{trial_id}" if trial_id else f"{run_name}-{slurm_job}" if slurm_job else run_name
+    parts = [f"{key.split('.', 1)[-1]}={_short(value)}" for key, value in (overrides or {}).items()]
+    if seed and not any(key.split(".")[-1] == "seed" for key in overrides or {}):
+        parts.append(f"seed={seed}")
+    name = " ".join([head, *parts])
+    return name if len(name) <= NAME_LIMIT else name[: NAME_LIMIT - 3] + "..."
+
+
+def run_display_name(cfg: Config, environ: Mapping[str, str] = os.environ) -> str:
+    """This run's W&B name (`display_name`): a sweep trial's id and parameters, the seed, the Slurm job.
+
+    Decided at the run's first start and kept in its checkpoints (`run_identity`): a requeue as a new
+    job keeps it.
+    """
+    trial = sweep.current_trial(environ)
     job = slurm_job(environ)
-    return f"{cfg.run.name}-{job['job']}" if job else cfg.run.name
+    return display_name(
+        cfg.run.name,
+        trial_id=trial.run_id if trial else None,
+        seed=cfg.run.seed,
+        overrides=trial.params if trial else None,
+        slurm_job=job["job"] if job else None,
+    )
 
 
 def run_identity(cfg: Config, state: TrainState, continuing: bool, environ: Mapping[str, str] = os.environ) -> dict:
@@ -278,6 +321,7 @@ class Tracker:
         self.sync_command: str | None = None  # offline W&B: how to upload
         self.run_id: str | None = None
         self._why = choice.reason
+        self.trial = sweep.current_trial()  # started by a W&B sweep agent: join its run
         self._cfg: Config | None = None
         self._artifacts: tuple[str, str] = ("upload", "")  # (upload | reference, why)
 
@@ -307,8 +351,10 @@ class Tracker:
         return run_id
 
     def _init_wandb(self, cfg: Config, config: dict[str, Any], init: dict[str, Any]) -> None:
+        # A sweep trial's project is the sweep's: W&B takes it from the agent.
+        project = None if self.trial else cfg.log.wandb_project
         try:
-            self.acc.init_trackers(cfg.log.wandb_project, config=config, init_kwargs={"wandb": init})
+            self.acc.init_trackers(project, config=config, init_kwargs={"wandb": init})
         except Exception:
             self.acc.trackers = []  # Accelerate keeps a tracker whose start failed
             raise
@@ -344,6 +390,8 @@ class Tracker:
             init["entity"] = cfg.log.wandb_entity
         if run_id:
             init["resume"] = "allow"  # same run, steps keep increasing
+        if self.trial:
+            init = sweep.join_agent_run(init)  # the agent's run id, project and entity
         run_dir.mkdir(parents=True, exist_ok=True)
         try:
             self._init_wandb(cfg, config, init)
@@ -462,10 +510,14 @@ class Tracker:
         self._guarded("logging a model artifact", log)
 
     def _describe(self, cfg: Config, run_dir: Path) -> str:
+        if self.kind == "wandb":
+            line = self._describe_wandb()
+            return f"{line}; {sweep.describe(self.trial)}" if self.trial else line
         if self.kind == "tensorboard":
             return f"tracking: TensorBoard in {self.location}; view with: tensorboard --logdir {self.location}"
-        if self.kind == "none":
-            return f"tracking: off ({self._why}); metrics go to {run_dir / 'metrics.jsonl'}"
+        return f"tracking: off ({self._why}); metrics go to {run_dir / 'metrics.jsonl'}"
+
+    def _describe_wandb(self) -> str:
         if self.mode == "online":
             return f"tracking: W&B run {self.location} ({self._why})"
         return f"tracking: W&B offline ({self._why}) in {self.location}; upload later with: {self.sync_command}"
@@ -500,11 +552,21 @@ class Tracker:
             self.kind = "none"
             self.acc.trackers = []  # so that end_training does not call it again
 
-    def finish(self) -> None:
-        """Close the tracker run before `accelerator.end_training()`, tolerating a dead tracker."""
+    def finish(self, requeue: bool = False) -> bool:
+        """Close the tracker run before `accelerator.end_training()`, tolerating a dead tracker.
+
+        `requeue` (a run stopped early by its job script): a W&B sweep trial's run is ended so that W&B
+        puts it back in the sweep's queue. Returns whether that was done (main process).
+        """
+        requeued = False
+        if requeue and self.trial and self.kind == "wandb" and self.acc.trackers:
+            run = self.acc.get_tracker("wandb", unwrap=True)
+            self._guarded("finishing the run for a requeue", lambda: sweep.finish_for_requeue(run))
+            requeued, self.acc.trackers = self.kind == "wandb", []  # kind is "none" if that failed
         if self.acc.trackers:
             self._guarded("finishing the run", lambda: [tracker.finish() for tracker in self.acc.trackers])
             self.acc.trackers = []
+        return requeued
 
     def log_metrics(self, metrics: Mapping[str, float], state: TrainState, owed: bool = False) -> None:
         """One dashboard row at `state.images_seen`; names get their section prefix (train/, opt/, ...).

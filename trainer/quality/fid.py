@@ -137,6 +137,14 @@ def gather_in_order(
 OUR_EXTRACTORS = {"cifar10-classifier": "trainer.quality.classifier"}
 
 
+def score_label(feature_extractor: str, short: bool = False) -> str:
+    """What the IS columns measured: the Inception Score with an InceptionV3, else a classifier score (the
+    same formula on another classifier's logits, e.g. cifar10-classifier's: not comparable with published IS)."""
+    if feature_extractor.startswith("inception"):
+        return "IS" if short else "Inception Score"
+    return "classifier score"
+
+
 def _registered(spec: str) -> type:
     """The torch-fidelity extractor class for a registry name or `module:Class` (registered here)."""
     from torch_fidelity import FeatureExtractorBase, register_feature_extractor
