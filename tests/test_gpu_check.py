@@ -421,3 +421,14 @@ def test_bundle_script_packs_what_an_offline_node_needs(tmp_path):
     assert too_small.returncode == 1 and "over the --max-mib 1 limit" in too_small.stderr
     missing = subprocess.run([script, "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "--data is required" in missing.stderr
+
+
+@pytest.mark.slow
+def test_a_rerun_in_the_same_work_folder_reuses_the_data(tmp_path):
+    """The tarball is unpacked and packed once per work folder; a rerun (say, of what the budget skipped)
+    goes straight to its checks."""
+    for attempt, reused in ((1, False), (2, True)):
+        out = tmp_path / f"out{attempt}"
+        proc, report, _ = gpu_check(out, "--device", "cpu", "--tiny", "--only", "data")
+        data = by_name(report)["data"]
+        assert data["status"] == "passed" and data["figures"]["reused_from_earlier_run"] is reused, proc.stdout

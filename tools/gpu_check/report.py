@@ -85,11 +85,12 @@ def answers(meta: Mapping[str, Any], by_name: Mapping[str, Result]) -> list[str]
     """The headline questions, answered in order from the checks' figures (or why not)."""
     env = by_name["environment"].figures if "environment" in by_name else {}
     lines = ["## Answers", ""]
-    fp32 = (
-        "fp32 (TF32 convolutions)"
-        if env.get("tf32_convolutions") and float(env.get("capability") or 0) >= 8  # Ampere and later
-        else "fp32"
-    )
+    fp32 = "fp32"
+    if float(env.get("capability") or 0) >= 8:  # Ampere and later: fp32 convolutions may run as TF32
+        fp32 = (
+            f"fp32 (TF32 convolutions {'on' if env.get('tf32_convolutions') else 'off'}, "
+            f"TF32 matmul {'on' if env.get('tf32_matmul') else 'off'})"
+        )
 
     # 1. Does the trainer train here, in each precision, without collapse?
     lines.append("**Does it train on this device?**")
