@@ -77,7 +77,8 @@ def dump_counters(path: Path) -> None:
         from torch._dynamo.utils import counters
     except ImportError:
         counters = {}
-    path.write_text(json.dumps({group: dict(values) for group, values in counters.items()}, indent=1))
+    found = {str(group): {str(k): v for k, v in values.items()} for group, values in counters.items()}
+    path.write_text(json.dumps(found, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
