@@ -178,9 +178,10 @@ def answers(meta: Mapping[str, Any], by_name: Mapping[str, Result]) -> list[str]
 
     # 4. Sample quality at 64x64
     q = by_name.get("quality_64")
+    size = "toy size" if meta["tiny"] else "64x64"
     lines += [
         "",
-        "**Does the trainer's default train as well as the classic loop?** (64x64, offline classifier FID, lower is better)",
+        f"**Does the trainer's default train as well as the classic loop?** ({size}, offline classifier FID, lower is better)",
     ]
     if q and q.figures.get("verdicts"):
         f = q.figures
