@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from trainer.acceptance.checks import launch_command as acceptance_launch_command
+from tools.gpu_check.checks import launch_command as gpu_check_launch_command
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "trainer" / "train.py"
@@ -40,10 +40,10 @@ def trainer_env() -> dict[str, str]:
 
 
 def launch_command(args: list[str], processes: int = 1, script: Path = TRAIN) -> list[str]:
-    """One process: the script itself; several: the acceptance tool's `accelerate launch` line (gloo on CPU)."""
+    """One process: the script itself; several: the GPU check's `accelerate launch` line (gloo on CPU)."""
     if processes == 1:
         return [sys.executable, str(script), *args]
-    return acceptance_launch_command(script, args, processes)
+    return gpu_check_launch_command(script, args, processes)
 
 
 def run_command(command: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:

@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 
 from tests.conftest import REPO, SMOKE, run_trainer, smoke_args, trainer_env, write_image_tree
-from trainer.acceptance.checks import free_port
+from tools.gpu_check.checks import free_port
 from trainer.core import runtime
 from trainer.core.checkpoint import TrainState, _check_compatible
 from trainer.core.config import load_config, to_yaml

@@ -186,7 +186,7 @@ def test_compare_quality_trains_both_loops_and_measures_them_alike(image_tree, t
     from tests.conftest import REPO, SMOKE, trainer_env
 
     out = tmp_path / "quality"
-    command = [sys.executable, str(REPO / "docs" / "compare_quality.py"), "--config", str(SMOKE)]
+    command = [sys.executable, str(REPO / "tools" / "compare_quality.py"), "--config", str(SMOKE)]
     command += ["--data", str(image_tree), "--reference", str(image_tree), "--steps", "3", "--seeds", "0"]
     command += ["--num-samples", "20", "--weights", str(tiny_weights), "--out", str(out), "eval.batch_size=10"]
     proc = subprocess.run(command, cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=600)

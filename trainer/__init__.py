@@ -7,7 +7,9 @@ Layers, each importing only from the ones above it (docs/architecture.md has the
     trainer.monitor   what watches a run: console, trackers, per-step measurements, health, stops, grids
     trainer.quality   FID / IS / KID and their feature extractors
     trainer.loop      one training run, from config to final weights
-    entry points      train, prepare, evaluate, sample, bench, acceptance (python -m trainer.<name>)
+    entry points      train, prepare, evaluate, sample, bench (python -m trainer.<name>)
+
+Tools that need the repository checkout (the GPU check, quality comparisons) live beside it in tools/.
 """
 
 from trainer.util import compat as _compat

@@ -3,10 +3,16 @@
 Both run on the same data, on the same machine, in one invocation, each in its own process (so
 peak memory is each one's own):
 
-- ours: the trainer's own pieces (packed data, on-device resize, channels_last, AMP, fused Adam
-  on CUDA, the GAN step of trainer/core/step.py), configured exactly as a training run would be;
+- ours: the trainer's GAN step and data path (packed data, on-device resize, channels_last, AMP,
+  fused Adam on CUDA, the GAN step of trainer/core/step.py), configured exactly as a training run
+  would be, but not the rest of the loop: no metric averaging, health checks, logging, grids or
+  checkpoints (a training run's metrics.jsonl gives the whole loop's images/s);
 - reference: the PyTorch DCGAN example written the classic way: PIL transforms in a DataLoader
   with 2 workers, fp32, eager, Sigmoid + BCELoss, D's gradients computed in the G step.
+
+Both run with `cudnn.benchmark = True` (the example sets it; the trainer sets it on CUDA) and torch's
+default TF32 settings, so on Ampere and later GPUs the classic loop's fp32 convolutions are TF32;
+each result records its precision, cudnn.benchmark and TF32 settings.
 
 Each measures steady-state images/s after warm-up steps (the first steps pay for allocation and
 kernel selection). On CUDA it also reports ms/step, the model FLOPs per step (counted with
@@ -50,6 +56,20 @@ class Result:
     memory_kind: str
     steps: int
     flops_per_step: float | None = None
+    precision: str = "no"
+    cudnn_benchmark: bool = False
+    tf32_convolutions: bool = False
+    tf32_matmul: bool = False
+
+
+def _settings(precision: str) -> dict:
+    """The numerics a result was measured under, read when it was measured."""
+    return {
+        "precision": precision,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "tf32_convolutions": torch.backends.cudnn.allow_tf32,
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+    }
 
 
 def _sync(device: torch.device) -> None:
@@ -115,7 +135,10 @@ def run_ours(cfg: Config, warmup: int, steps: int) -> Result:
         torch.cuda.reset_peak_memory_stats(accelerator.device)
     seconds, flops = _time_steps(step, loader, accelerator.device, warmup, steps)
     peak, kind = _peak_memory(accelerator.device)
-    return Result("ours", steps * cfg.train.batch_size / seconds, 1000 * seconds / steps, peak, kind, steps, flops)
+    rate = steps * cfg.train.batch_size / seconds
+    return Result(
+        "ours", rate, 1000 * seconds / steps, peak, kind, steps, flops, **_settings(accelerator.mixed_precision)
+    )
 
 
 def _reference_dataset(cfg: Config):
@@ -154,6 +177,7 @@ def build_reference(cfg: Config, num_workers: int = 2):
     from trainer.core.models import Discriminator, Generator, init_weights
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True  # as examples/dcgan/main.py sets it
     torch.manual_seed(cfg.run.seed)
     dataloader = torch.utils.data.DataLoader(
         _reference_dataset(cfg), batch_size=cfg.train.batch_size, shuffle=True, num_workers=num_workers, drop_last=True
@@ -199,7 +223,8 @@ def run_reference(cfg: Config, warmup: int, steps: int) -> Result:
         torch.cuda.reset_peak_memory_stats(device)
     seconds, flops = _time_steps(step, dataloader, device, warmup, steps)
     peak, kind = _peak_memory(device)
-    return Result("reference", steps * cfg.train.batch_size / seconds, 1000 * seconds / steps, peak, kind, steps, flops)
+    rate = steps * cfg.train.batch_size / seconds
+    return Result("reference", rate, 1000 * seconds / steps, peak, kind, steps, flops, **_settings("no"))
 
 
 def measure_bf16_matmul_tflops(device: torch.device, n: int = 8192, repeats: int = 20) -> float:
@@ -293,6 +318,16 @@ def main(argv: list[str] | None = None) -> int:
             line += f"  {achieved:.1f} TFLOP/s = {achieved / peak_tflops:.1%} of {peak_tflops:.0f} (bf16 matmul)"
         print(line)
     print(f"memory: {results[0].memory_kind}")
+    for r in results:
+        print(
+            f"{r.name}: precision {r.precision}, cudnn.benchmark {r.cudnn_benchmark}"
+            + (
+                f", TF32 convolutions {r.tf32_convolutions}, TF32 matmul {r.tf32_matmul}"
+                if device.type == "cuda"
+                else ""
+            )
+        )
+    print("ours: the GAN step and data path only (no logging, health checks or checkpoints); see the module docstring")
     if args.json:
         args.json.write_text(json.dumps({"results": [asdict(r) for r in results], "bf16_matmul_tflops": peak_tflops}))
     return 0

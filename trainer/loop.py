@@ -24,7 +24,8 @@ from trainer.core.runtime import build_accelerator, check_against_hardware
 from trainer.core.step import GANStep
 from trainer.monitor import sweep
 from trainer.monitor.console import Console, RunSummary, format_duration
-from trainer.monitor.grids import fixed_noise, save_generator_grid, save_real_grid
+from trainer.monitor.diversity import CollapseWatch
+from trainer.monitor.grids import fixed_noise, generate_grid, save_generator_grid, save_real_grid
 from trainer.monitor.health import NonFinite, NonFiniteWatch
 from trainer.monitor.measurements import MetricMeter, append_metrics, host_metrics, rewind_metrics
 from trainer.monitor.run_lock import RunLock
@@ -153,11 +154,14 @@ def _train(
 
     samples_dir = run_dir / "samples"
     grid_noise = fixed_noise(cfg.log.sample_grid_size, cfg.model.nz, cfg.run.seed)
-    if accelerator.is_main_process and not (samples_dir / "real.png").exists():
+    if accelerator.is_main_process:
         # A seeded random pick: the first files of a sorted folder would all be one class.
         picks = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.run.seed))
-        real_images = [dataset[int(i)] for i in picks[: cfg.log.sample_grid_size]]
-        save_real_grid(to_model_input(torch.stack(real_images), cfg.model.resolution), samples_dir / "real.png")
+        real_grid = torch.stack([dataset[int(i)] for i in picks[: cfg.log.sample_grid_size]])
+        real_grid = to_model_input(real_grid, cfg.model.resolution)
+        if not (samples_dir / "real.png").exists():
+            save_real_grid(real_grid, samples_dir / "real.png")
+        collapse = CollapseWatch(real_grid, console.print)  # the fixed-noise grid's diversity, vs these
     # Resuming this run's own checkpoint continues its W&B run; a checkpoint of another run starts a new one.
     continuing = resume_from is not None and resume_from.resolve().parent == checkpointer.dir.resolve()
     state.tracker_run_id = tracker.start(cfg, state, continuing, samples_dir / "real.png")  # saved in checkpoints
@@ -195,6 +199,8 @@ def _train(
     def log_row(metrics: dict[str, float], images_per_s: float) -> None:
         # + learning rates, fp16 loss scale and skipped steps, CUDA memory
         record = {**metrics, **host_metrics(accelerator, {"G": opt_g, "D": opt_d}, state)}
+        grid = generate_grid(shown_g, grid_noise, accelerator.autocast)
+        record["diversity"] = collapse.observe(grid, state.step)  # warns on mode collapse
         with _stop_if_write_fails("metrics", run_dir / "metrics.jsonl", checkpointer):
             append_metrics(run_dir / "metrics.jsonl", state, record, images_per_s)
         tracker.log_metrics({**record, "images_per_s": images_per_s}, state)

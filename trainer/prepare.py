@@ -34,9 +34,10 @@ from trainer.util.ranks import one_process_first
 
 
 def preparing_device() -> torch.device:
-    """This process's GPU (reference statistics are keyed by device type), else the CPU."""
+    """This process's GPU (reference statistics are keyed by device type), else the CPU. Local ranks map
+    onto the visible devices as Accelerate maps them (modulo their count: several ranks may share one)."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return torch.device("cpu")
 
 

@@ -101,6 +101,9 @@ def build_accelerator(cfg: Config, tracker_kwargs: Mapping[str, Any] | None = No
     # Accelerate 1.x picks gloo (MULTI_CPU) for a multi-process launch only when told it is on the
     # CPU; otherwise each process would run alone. GPU runs are unaffected.
     multi_process_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # Every training batch has the same shape, so cuDNN may time its kernels once and keep the fastest
+    # (as the PyTorch DCGAN example does). fp32 convolutions stay TF32 on Ampere and later (torch's default).
+    torch.backends.cudnn.benchmark = torch.cuda.is_available()
     try:
         return Accelerator(
             cpu=multi_process_cpu,

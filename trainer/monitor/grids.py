@@ -26,8 +26,9 @@ def _save_grid(images: torch.Tensor, path: Path) -> None:
 
 
 @torch.no_grad()
-def save_generator_grid(generator: nn.Module, noise: torch.Tensor, path: Path, autocast) -> None:
-    """`generator` must be the unwrapped module: a DDP forward on rank 0 alone would hang the others.
+def generate_grid(generator: nn.Module, noise: torch.Tensor, autocast) -> torch.Tensor:
+    """The grid's images. `generator` must be the unwrapped module: a DDP forward on rank 0 alone
+    would hang the others.
 
     Eval mode uses BatchNorm's running statistics, so the grid neither updates them nor needs
     the other ranks (SyncBatchNorm in train mode would wait for them).
@@ -36,10 +37,13 @@ def save_generator_grid(generator: nn.Module, noise: torch.Tensor, path: Path, a
     generator.eval()
     try:
         with autocast():
-            images = generator(noise.to(next(generator.parameters()).device))
+            return generator(noise.to(next(generator.parameters()).device))
     finally:
         generator.train(was_training)
-    _save_grid(images, path)
+
+
+def save_generator_grid(generator: nn.Module, noise: torch.Tensor, path: Path, autocast) -> None:
+    _save_grid(generate_grid(generator, noise, autocast), path)
 
 
 def save_real_grid(images: torch.Tensor, path: Path) -> None:

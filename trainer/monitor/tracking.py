@@ -80,6 +80,7 @@ SECTIONS = {
     "is_std": "eval",
     "kid_mean": "eval",
     "kid_std": "eval",
+    "diversity": "samples",  # of the fixed-noise grid, relative to real images (monitor/diversity.py)
 }
 STEP_METRIC = "images_seen"
 WANDB_MODE_ALIASES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline"}

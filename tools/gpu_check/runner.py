@@ -1,7 +1,7 @@
 """Run checks one after another, each in its own process tree under its own cap, inside a total budget.
 
 A check is a function `fn(ctx, **params)` named by "module:function". For each check the runner
-starts a child process (`python -m trainer.acceptance.child SPEC.json`) that imports and calls it,
+starts a child process (`python -m tools.gpu_check.child SPEC.json`) that imports and calls it,
 and kills the child's whole process tree when the cap runs out. A process per check because a check
 may hang (a CUDA call, a compile, a collective) and only a process can be stopped from outside; it
 also gives every check a fresh CUDA context, so no check inherits another's memory or allocator state.
@@ -12,7 +12,15 @@ reserve keeps time back for a later check however long the earlier ones take.
 
 Statuses: passed (the function returned), failed (it raised, or its process died), skipped (it
 raised Skip, a check it needs did not pass, or the budget could not give it its minimum), timeout
-(its cap ran out, or it raised Timeout). Figures it recorded before failing or timing out are kept.
+(its cap ran out, or it raised Timeout). Figures it recorded before failing or timing out are kept,
+and so are those of the training runs it watches (`Context.watch`): killed at its cap, a check
+still reports how far its run got and how fast, from the run's metrics.jsonl.
+
+Nothing is left running: everything a run starts carries its work folder in its environment
+(WORK_ENV, inherited by every child, whatever session it moves to). The runner kills each check's
+whole tree when its cap runs out, every process so marked when it stops (SIGTERM, SIGHUP, Ctrl-C,
+or the end), and at its start any a previous runner in the same work folder left behind (one killed
+with SIGKILL cannot clean up after itself).
 
 Standard library only (psutil is used when present): the runner must stay importable and quick
 whatever state the trainer's dependencies are in.
@@ -37,9 +45,11 @@ from pathlib import Path
 from typing import Any
 
 STATUSES = ("passed", "failed", "skipped", "timeout")
+REPORT_FILES = ("report.json", "report.md", "logs.tar.gz")  # always in the report folder
 KILL_GRACE_S = 2.0  # SIGTERM first (a trainer then saves and exits), SIGKILL after this
-CHILD_MARGIN_S = 1.0  # a check stops its own commands this long before the runner would kill it
+CHILD_MARGIN_S = 4.0  # a check stops its own commands this long before the runner would kill it (grace + reading)
 POLL_S = 0.2
+WORK_ENV = "DCGAN_GPU_CHECK_WORK"  # in the environment of everything a run starts: its work folder
 
 
 class Skip(Exception):
@@ -147,15 +157,17 @@ def _descendants(pid: int) -> list[int]:
 
 
 def _signal(pids: Sequence[int], group: int, sig: signal.Signals) -> None:
+    """`sig` to each of `pids`, and to process group `group` unless it is -1."""
     for pid in pids:
         try:
             os.kill(pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
-    try:
-        os.killpg(group, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+    if group != -1:
+        try:
+            os.killpg(group, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def kill_tree(proc: subprocess.Popen, grace_s: float = KILL_GRACE_S) -> None:
@@ -171,6 +183,77 @@ def kill_tree(proc: subprocess.Popen, grace_s: float = KILL_GRACE_S) -> None:
         pids += [p for p in _descendants(proc.pid) if p not in pids]  # started during the grace period
         _signal(pids, proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def marked_processes(root: Path) -> list[int]:
+    """Live processes started under the work folder `root`: their environment holds WORK_ENV=root (every
+    check and command gets it, and their children inherit it, whatever session or group they are in)."""
+    mark = f"{WORK_ENV}={root}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        pid = int(environ.parent.name)
+        if pid == os.getpid():
+            continue
+        try:
+            if mark not in environ.read_bytes().split(b"\0"):
+                continue
+            if (environ.parent / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue  # a zombie: already dead
+        except (OSError, IndexError):
+            continue
+        found.append(pid)
+    return found
+
+
+def sweep(root: Path, grace_s: float = KILL_GRACE_S) -> list[int]:
+    """SIGTERM, then SIGKILL after `grace_s`, every process still running that was started under `root`.
+    Returns their pids (none after a clean run)."""
+    found = marked_processes(root)
+    if found:
+        _signal(found, -1, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and marked_processes(root):
+            time.sleep(POLL_S)
+        _signal(marked_processes(root), -1, signal.SIGKILL)
+    return found
+
+
+def run_figures(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """How far a training run got and how fast, from its metrics.jsonl (the training lines: those with
+    images_per_s). images/s is the median of the log windows after the first, which pays for start-up."""
+    path = Path(run_dir) / "metrics.jsonl"
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return {}
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut by the kill
+            continue
+        if "images_per_s" in record and "loss_D" in record:
+            records.append(record)
+    if not records:
+        return {}
+    speeds = sorted(float(r["images_per_s"]) for r in records[1:] or records)
+    middle = len(speeds) // 2
+    median = speeds[middle] if len(speeds) % 2 else (speeds[middle - 1] + speeds[middle]) / 2
+    last = records[-1]
+    figures = {
+        "steps": int(last["step"]),
+        "log_windows": len(records),
+        "images_per_s": round(median, 1),
+        "loss_D_final": last["loss_D"],
+        "loss_G_final": last["loss_G"],
+        "losses_finite": all(math.isfinite(float(r["loss_D"])) and math.isfinite(float(r["loss_G"])) for r in records),
+    }
+    if "diversity" in last:
+        figures["diversity"] = round(float(last["diversity"]), 4)
+    peaks = [float(r["gpu_mem_peak_GiB"]) for r in records if "gpu_mem_peak_GiB" in r]
+    if peaks:
+        figures["gpu_mem_peak_GiB"] = round(max(peaks), 3)
+    return figures
 
 
 # ---- the check's side: a Context in the child process ---------------------------------------------
@@ -191,8 +274,10 @@ class Context:
     deadline: float  # time.time() by which the check must be done (the runner kills it a moment later)
     result_path: str
     max_file_bytes: int  # per file in `out`
+    max_files: int  # files in `out`, the report's own included
     env: dict[str, str]  # the environment commands run with
     figures: dict[str, Any] = field(default_factory=dict)
+    watched: list[str] = field(default_factory=list)  # run folders whose metrics.jsonl speaks for a killed check
     _commands: int = 0
 
     def left(self) -> float:
@@ -204,7 +289,13 @@ class Context:
         self.save("running", None)
 
     def save(self, status: str, error: str | None) -> None:
-        write_json(Path(self.result_path), {"status": status, "error": error, "figures": self.figures})
+        result = {"status": status, "error": error, "figures": self.figures, "watched": self.watched}
+        write_json(Path(self.result_path), result)
+
+    def watch(self, run_dir: str | os.PathLike) -> None:
+        """If this check is killed at its cap, report what `run_dir`'s metrics.jsonl says (see `run_figures`)."""
+        self.watched.append(str(run_dir))
+        self.save("running", None)
 
     def keep(self, path: str | os.PathLike, name: str | None = None) -> Path | None:
         """Copy a file into this check's logs (they travel in the log archive); None if it is missing."""
@@ -216,12 +307,17 @@ class Context:
         return dst
 
     def export(self, path: str | os.PathLike, name: str) -> bool:
-        """Copy a file into the report folder if it fits the per-file limit; record what happened."""
+        """Copy a file into the report folder if it fits the per-file and file-count limits; record what happened."""
         src = Path(path)
         size = src.stat().st_size
         exported = self.figures.setdefault("files", {})
+        present = {p.name for p in Path(self.out).iterdir() if p.is_file()} | set(REPORT_FILES)
         if size > self.max_file_bytes:
             exported[name] = f"left out: {size / 2**20:.2f} MiB > the {self.max_file_bytes / 2**20:g} MiB limit"
+            self.record()
+            return False
+        if name not in present and len(present) >= self.max_files:
+            exported[name] = f"left out: the report folder holds {self.max_files} files already (the limit)"
             self.record()
             return False
         shutil.copyfile(src, Path(self.out) / name)
@@ -248,7 +344,7 @@ class Context:
         """
         self._commands += 1
         log = Path(self.logs) / f"{self._commands:02d}-{label}.log"
-        limit = self.left() - CHILD_MARGIN_S
+        limit = self.left()  # the deadline keeps CHILD_MARGIN_S back for the kill and for recording
         if timeout is not None:
             limit = min(limit, timeout)
         if limit <= 0:
@@ -342,7 +438,7 @@ def _run_one(check: Check, cap: float, base: Mapping[str, Any], root: Path, env:
     write_json(spec, {"target": check.target, "params": check.params, "context": context})
     with open(logs / "check.log", "w") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "trainer.acceptance.child", str(spec)],
+            [sys.executable, "-m", "tools.gpu_check.child", str(spec)],
             cwd=base["repo"],
             env=dict(env),
             stdout=fh,
@@ -365,6 +461,13 @@ def _run_one(check: Check, cap: float, base: Mapping[str, Any], root: Path, env:
     except (OSError, ValueError):
         found = {"status": "running", "error": None, "figures": {}}
     status, error, figures = found["status"], found["error"], found["figures"]
+    if killed or interrupted:
+        # What its training runs wrote before the kill: figures the check had no time to record.
+        for run_dir in found.get("watched", []):
+            for key, value in run_figures(run_dir).items():
+                if figures.get(key) is None:
+                    figures[key] = value
+                    figures.setdefault("figures_from_metrics_jsonl", []).append(key)
     if interrupted:
         status, error = "timeout", f"stopped from outside ({interrupted}) after {wall:.0f}s"
     elif killed:
@@ -405,11 +508,15 @@ def run_checks(
     end = time.monotonic() + budget_s
     results: list[Result] = []
     by_name: dict[str, Result] = {}
+    leftovers = sweep(root)  # a previous runner in this work folder that was killed outright
+    if leftovers:
+        print(f"stopped {len(leftovers)} process(es) a previous run left in {root}: {leftovers}", flush=True)
 
     def stop_on_signal(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    previous = signal.signal(signal.SIGTERM, stop_on_signal)  # e.g. the device tool's own timeout
+    # SIGTERM: e.g. a batch system's or a wrapper's timeout; SIGHUP: the terminal or SSH session went away.
+    previous = {sig: signal.signal(sig, stop_on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         for i, check in enumerate(checks):
             missing = [n for n in check.needs if n not in by_name or by_name[n].status != "passed"]
@@ -436,9 +543,11 @@ def run_checks(
         if isinstance(exc, Interrupted):
             results.append(exc.result)
         for check in checks[len(results) :]:
-            results.append(_not_run(check, f"not run: the acceptance run was stopped ({exc or 'SIGINT'})"))
+            results.append(_not_run(check, f"not run: the GPU check was stopped ({exc or 'SIGINT'})"))
         if on_result and results:
             on_result(results[-1], results)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        sweep(root)  # whatever a check started that outlived it
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return results

@@ -1,6 +1,6 @@
 """Does our trainer train GANs as well as the classic loop? Train both, then measure their samples.
 
-    python docs/compare_quality.py --config configs/dcgan_cifar10.yaml \\
+    python tools/compare_quality.py --config configs/dcgan_cifar10.yaml \\
         --data data/cifar10-jpg/train --reference data/cifar10-jpg/test \\
         --steps 2000 --seeds 0 1 2 --arms classic ours --out runs/quality
 
@@ -12,7 +12,8 @@ Arms (each trained for --steps steps from each seed, on the same images, with th
 - ablations, ours with one numerics-changing optimisation off: `ours-fp32`
   (train.mixed_precision=no), `ours-nchw` (train.channels_last=false), `ours-unpacked`
   (data.packed=false: PIL resize on the host instead of on-device resize). D frozen in the G step
-  needs no ablation: it only skips D gradients that the classic loop computes and then zeroes.
+  needs no ablation: it only skips D gradients that the classic loop computes and then zeroes;
+- `ours-fp16` (train.mixed_precision=fp16, CUDA only): the other mixed precision `auto` can pick.
 
 Each final generator is then measured the same way, by trainer.quality.fid.Evaluator with the offline
 `cifar10-classifier` extractor (trainer/quality/classifier.py): FID-like distance and classifier
@@ -21,8 +22,14 @@ score of --num-samples samples (latent i from (eval.seed, i), shared by all runs
 and trainer.evaluate do by default), its batch statistics (`batch`, train mode in batches of
 eval.batch_size: what the classic loop's grids do), or both (--bn-stats).
 
-Runs are kept under --out/<arm>-s<seed>/ and not retrained when their final weights exist, so a
-comparison can grow seed by seed. Every training runs in its own process with --threads threads.
+Each measurement also has `diversity`: the per-pixel standard deviation across 1,000 samples
+relative to that of 1,000 reference images (trainer/monitor/diversity.py; near 0 means collapse).
+
+Runs are kept under --out/<arm>-s<seed>/ and not retrained when their final weights exist, nor
+remeasured when their measurement is stored beside them, so a comparison can grow seed by seed and
+an interrupted one resumes. Every training runs in its own process with --threads threads;
+--parallel trains several at once (on a GPU the small 64x64 steps leave room for many), and the
+classic loop's DataLoader can have --classic-workers workers (the numbers do not change with it).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -53,13 +61,14 @@ ARMS: dict[str, list[str] | None] = {
     "ours-fp32": ["train.mixed_precision=no"],
     "ours-nchw": ["train.channels_last=false"],
     "ours-unpacked": ["data.packed=false"],
+    "ours-fp16": ["train.mixed_precision=fp16"],
 }
 WEIGHTS = "generator.safetensors"  # the final generator, in the run directory, as the trainer writes it
 
 
-def train_classic(cfg: Config, steps: int, run_dir: Path) -> None:
+def train_classic(cfg: Config, steps: int, run_dir: Path, num_workers: int = 0) -> None:
     """The reference loop for `steps` steps (epochs wrap around), then its generator as safetensors."""
-    step, loader, netG, _ = build_reference(cfg, num_workers=0)  # one thread: PIL in the main process
+    step, loader, netG, _ = build_reference(cfg, num_workers=num_workers)  # 0: PIL in the main process
     done, start, log = 0, time.perf_counter(), []
     window = start
     while done < steps:
@@ -90,7 +99,7 @@ def train_run(arm: str, seed: int, args: argparse.Namespace, run_dir: Path) -> f
     common = [f"data.root={args.data}", "data.source=folder", f"run.seed={seed}", *args.overrides]
     if ARMS[arm] is None:
         command = [sys.executable, __file__, "--classic-child", str(run_dir), "--steps", str(args.steps)]
-        command += ["--config", args.config, *common]
+        command += ["--classic-workers", str(args.classic_workers), "--config", args.config, *common]
     else:
         command = [sys.executable, str(REPO / "trainer" / "train.py"), "--config", args.config, *common, *ARMS[arm]]
         command += [
@@ -114,27 +123,57 @@ def train_run(arm: str, seed: int, args: argparse.Namespace, run_dir: Path) -> f
     return seconds
 
 
-def measure(cfg: Config, runs: dict[tuple[str, int], Path], modes: list[str]) -> dict[tuple[str, int, str], dict]:
+def real_diversity(cfg: Config, count: int = 1000) -> float:
+    """`pixel_diversity` of `count` reference images (data.root) at the model's resolution."""
+    from trainer.monitor.diversity import pixel_diversity
+    from trainer.quality.fid import reference_dataset
+
+    dataset = reference_dataset(cfg)
+    picks = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:count]
+    return pixel_diversity(torch.stack([dataset[int(i)] for i in picks]))
+
+
+def measure(
+    cfg: Config, runs: dict[tuple[str, int], Path], modes: list[str], device: str
+) -> dict[tuple[str, int, str], dict]:
     from accelerate import Accelerator
 
-    from trainer.quality.fid import Evaluator
+    from trainer.monitor.diversity import pixel_diversity
+    from trainer.quality.fid import Evaluator, latents
+    from trainer.sample import generate
 
-    evaluator = Evaluator(cfg, Accelerator(cpu=True, mixed_precision="no"), print)
+    evaluator = Evaluator(cfg, Accelerator(cpu=device == "cpu", mixed_precision="no"), print)
+    real = real_diversity(cfg)
+    z = latents(cfg.eval.seed, range(1000), cfg.model.nz)
+    weights = Path(cfg.eval.feature_extractor_weights or "default")
     results = {}
     for (arm, seed), run_dir in runs.items():
         generator = Generator(cfg.model.nz, cfg.model.ngf, cfg.model.resolution)
         generator.load_state_dict(load_file(str(run_dir / WEIGHTS)))
         for mode in modes:
-            results[(arm, seed, mode)] = evaluator.evaluate(generator.eval(), mode)
+            # Stored beside the run: an interrupted comparison does not measure it again.
+            stored = run_dir / f"measured-{mode}-{cfg.eval.num_samples}-{weights.stem}.json"
+            if stored.is_file():
+                results[(arm, seed, mode)] = json.loads(stored.read_text())
+            else:
+                r = evaluator.evaluate(generator.to(evaluator.acc.device).eval(), mode)
+                images = generate(generator, z, str(evaluator.acc.device), cfg.eval.batch_size, mode)
+                r["diversity"] = pixel_diversity(images) / real
+                stored.write_text(json.dumps(r))
+                results[(arm, seed, mode)] = r
             r = results[(arm, seed, mode)]
-            print(f"{arm:14} seed {seed} {mode:7}: FID {r['fid']:8.2f}  score {r['is_mean']:.2f}  ({r['eval_s']:.0f}s)")
+            print(
+                f"{arm:14} seed {seed} {mode:7}: FID {r['fid']:8.2f}  score {r['is_mean']:.2f}  "
+                f"diversity {r['diversity']:.2f}  ({r['eval_s']:.0f}s)",
+                flush=True,
+            )
     return results
 
 
 def table(results: dict[tuple[str, int, str], dict], steps: int, seconds: dict[tuple[str, int], float]) -> str:
     lines = [
-        "| arm | BN stats | steps | seeds | FID (classifier) per seed | mean ± sd | classifier score mean | train s/run |",
-        "|---|---|---:|---:|---|---:|---:|---:|",
+        "| arm | BN stats | steps | seeds | FID (classifier) per seed | mean ± sd | classifier score mean | diversity mean | train s/run |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|",
     ]
     keys = sorted({(a, m) for a, _, m in results}, key=lambda k: (list(ARMS).index(k[0]), k[1]))
     for arm, mode in keys:
@@ -145,7 +184,8 @@ def table(results: dict[tuple[str, int, str], dict], steps: int, seconds: dict[t
         per_seed = ", ".join(f"s{s}: {r['fid']:.1f}" for s, r in rows)
         lines.append(
             f"| {arm} | {mode} | {steps} | {len(rows)} | {per_seed} | {statistics.mean(fids):.1f} ± {sd:.1f} | "
-            f"{statistics.mean(r['is_mean'] for _, r in rows):.2f} | {statistics.mean(times) if times else float('nan'):.0f} |"
+            f"{statistics.mean(r['is_mean'] for _, r in rows):.2f} | {statistics.mean(r['diversity'] for _, r in rows):.2f} | "
+            f"{statistics.mean(times) if times else float('nan'):.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -162,24 +202,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bn-stats", choices=("running", "batch", "both"), default="both")
     parser.add_argument("--weights", help="classifier weights (default: the cached default recipe)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training and for measuring")
+    parser.add_argument("--parallel", type=int, default=1, help="trainings at once (default 1)")
+    parser.add_argument("--classic-workers", type=int, default=0, help="DataLoader workers of the classic loop")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to measure")
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
     parser.add_argument("--classic-child", type=Path, help=argparse.SUPPRESS)  # internal: train one classic run
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every arm")
     args = parser.parse_intermixed_args(argv)
     torch.set_num_threads(args.threads)
     if args.classic_child:
-        train_classic(load_config(args.config, args.overrides), args.steps, args.classic_child)
+        train_classic(load_config(args.config, args.overrides), args.steps, args.classic_child, args.classic_workers)
         return 0
     if not args.data or not args.reference:
         parser.error("--data and --reference are required")
 
-    runs, seconds = {}, {}
-    for seed in args.seeds:  # seed-major: a partial comparison already has every arm
-        for arm in args.arms:
-            run_dir = (args.out / f"{arm}-s{seed}").resolve()
-            runs[(arm, seed)] = run_dir
-            seconds[(arm, seed)] = train_run(arm, seed, args, run_dir)
-            print(f"trained {arm} seed {seed}: {seconds[(arm, seed)]:.0f}s", flush=True)
+    runs = {(arm, seed): (args.out / f"{arm}-s{seed}").resolve() for seed in args.seeds for arm in args.arms}
+
+    def train(key: tuple[str, int]) -> float:
+        seconds = train_run(*key, args, runs[key])
+        print(f"trained {key[0]} seed {key[1]}: {seconds:.0f}s", flush=True)
+        return seconds
+
+    # Seed-major: a partial comparison already has every arm. Each training is its own process.
+    with ThreadPoolExecutor(max(1, args.parallel)) as pool:
+        seconds = dict(zip(runs, pool.map(train, runs), strict=True))
 
     eval_overrides = [
         "data.source=folder",
@@ -191,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     cfg = load_config(args.config, [*args.overrides, *eval_overrides])
     modes = ["running", "batch"] if args.bn_stats == "both" else [args.bn_stats]
-    results = measure(cfg, runs, modes)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    results = measure(cfg, runs, modes, device)
     text = table(results, args.steps, seconds)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
