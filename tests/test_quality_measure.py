@@ -187,16 +187,21 @@ def test_compare_quality_trains_both_loops_and_measures_them_alike(image_tree, t
 
     out = tmp_path / "quality"
     command = [sys.executable, str(REPO / "tools" / "compare_quality.py"), "--config", str(SMOKE)]
-    command += ["--data", str(image_tree), "--reference", str(image_tree), "--steps", "3", "--seeds", "0"]
+    command += ["--data", str(image_tree), "--reference", str(image_tree), "--steps", "4", "--seeds", "0"]
+    command += ["--snapshots", "2"]
     command += ["--num-samples", "20", "--weights", str(tiny_weights), "--out", str(out), "eval.batch_size=10"]
     proc = subprocess.run(command, cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    records = json.loads((out / "quality-3steps.json").read_text())
-    assert {(r["arm"], r["bn_stats"]) for r in records} == {
-        (arm, mode) for arm in ("classic", "ours") for mode in ("running", "batch")
+    records = json.loads((out / "quality-4steps.json").read_text())
+    assert {(r["arm"], r["bn_stats"], r["steps"]) for r in records} == {
+        (arm, mode, step) for arm in ("classic", "ours") for mode in ("running", "batch") for step in (2, 4)
     }
     assert all(r["num_samples"] == 20 and np.isfinite(r["fid"]) for r in records)
     assert (out / "classic-s0" / "generator.safetensors").is_file() and (
         out / "ours-s0" / "generator.safetensors"
     ).is_file()
-    assert "| classic | running | 3 | 1 |" in (out / "quality-3steps.md").read_text()
+    table = (out / "quality-4steps.md").read_text()
+    assert "| classic | running | 4 | 1 |" in table and "mean over its generators at steps 2, 4" in table
+    # the snapshot at step 2 is another generator than the final one, in both loops
+    assert all((out / f"{arm}-s0" / "snapshots" / "step-00000002.safetensors").is_file() for arm in ("classic", "ours"))
+    assert not (out / "ours-s0" / "checkpoints").exists()

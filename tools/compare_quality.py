@@ -25,6 +25,10 @@ eval.batch_size: what the classic loop's grids do), or both (--bn-stats).
 Each measurement also has `diversity`: the per-pixel standard deviation across 1,000 samples
 relative to that of 1,000 reference images (trainer/monitor/diversity.py; near 0 means collapse).
 
+One step's generator is a noisy sample of a run's quality (GAN samples oscillate from step to step):
+with --snapshots the generators at those steps are kept and measured too, and a second table gives
+each run's mean over the snapshots from half the run on, which varies less between seeds.
+
 Runs are kept under --out/<arm>-s<seed>/ and not retrained when their final weights exist, nor
 remeasured when their measurement is stored beside them, so a comparison can grow seed by seed and
 an interrupted one resumes. Every training runs in its own process with --threads threads;
@@ -36,7 +40,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -64,29 +70,43 @@ ARMS: dict[str, list[str] | None] = {
     "ours-fp16": ["train.mixed_precision=fp16"],
 }
 WEIGHTS = "generator.safetensors"  # the final generator, in the run directory, as the trainer writes it
+SNAPSHOTS = "snapshots"  # <run dir>/snapshots/step-XXXXXXXX.safetensors: G at the --snapshots steps
 
 
-def train_classic(cfg: Config, steps: int, run_dir: Path, num_workers: int = 0) -> None:
-    """The reference loop for `steps` steps (epochs wrap around), then its generator as safetensors."""
+def snapshot_path(run_dir: Path, step: int) -> Path:
+    return run_dir / SNAPSHOTS / f"step-{step:08d}.safetensors"
+
+
+def _g_state(netG: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in netG.state_dict().items()}
+
+
+def train_classic(cfg: Config, steps: int, run_dir: Path, num_workers: int = 0, snapshots: list[int] = ()) -> None:
+    """The reference loop for `steps` steps (epochs wrap around), then its generator as safetensors;
+    G also at each of the `snapshots` steps."""
     step, loader, netG, _ = build_reference(cfg, num_workers=num_workers)  # 0: PIL in the main process
-    done, start, log = 0, time.perf_counter(), []
+    done, start = 0, time.perf_counter()
     window = start
-    while done < steps:
-        for batch in loader:
-            losses = step(batch, done)
-            done += 1
-            if done % 50 == 0:  # like the trainer's metrics.jsonl: losses and images/s of the last window
-                now = time.perf_counter()
-                rate = 50 * cfg.train.batch_size / (now - window)
-                log.append({"step": done, "images_per_s": rate, **{k: float(v) for k, v in losses.items()}})
-                window = now
-            if done == steps:
-                break
-    seconds = time.perf_counter() - start
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-    state = {k: v.detach().cpu().contiguous() for k, v in netG.state_dict().items()}
-    save_file(state, str(run_dir / WEIGHTS), {"step": str(steps), "train_seconds": f"{seconds:.1f}"})
+    with open(run_dir / "metrics.jsonl", "w") as log:
+        while done < steps:
+            for batch in loader:
+                losses = step(batch, done)
+                done += 1
+                if done % 50 == 0:  # like the trainer's metrics.jsonl: losses and images/s of the last window
+                    now = time.perf_counter()
+                    rate = 50 * cfg.train.batch_size / (now - window)
+                    row = {"step": done, "images_per_s": rate, **{k: float(v) for k, v in losses.items()}}
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    window = now
+                if done in snapshots and done != steps:
+                    snapshot_path(run_dir, done).parent.mkdir(exist_ok=True)
+                    save_file(_g_state(netG), str(snapshot_path(run_dir, done)), {"step": str(done)})
+                if done == steps:
+                    break
+    seconds = time.perf_counter() - start
+    save_file(_g_state(netG), str(run_dir / WEIGHTS), {"step": str(steps), "train_seconds": f"{seconds:.1f}"})
 
 
 def train_run(arm: str, seed: int, args: argparse.Namespace, run_dir: Path) -> float:
@@ -99,7 +119,8 @@ def train_run(arm: str, seed: int, args: argparse.Namespace, run_dir: Path) -> f
     common = [f"data.root={args.data}", "data.source=folder", f"run.seed={seed}", *args.overrides]
     if ARMS[arm] is None:
         command = [sys.executable, __file__, "--classic-child", str(run_dir), "--steps", str(args.steps)]
-        command += ["--classic-workers", str(args.classic_workers), "--config", args.config, *common]
+        command += ["--classic-workers", str(args.classic_workers), "--snapshots", *map(str, args.snapshots)]
+        command += ["--config", args.config, *common]
     else:
         command = [sys.executable, str(REPO / "trainer" / "train.py"), "--config", args.config, *common, *ARMS[arm]]
         command += [
@@ -109,8 +130,8 @@ def train_run(arm: str, seed: int, args: argparse.Namespace, run_dir: Path) -> f
             "log.tracker=none",
             "eval.every_epochs=null",
             "eval.every_steps=null",
-            "ckpt.keep=1",
-            f"ckpt.every_steps={args.steps}",
+            "ckpt.keep=100",  # the snapshots' checkpoints, copied out below
+            f"ckpt.every_steps={math.gcd(args.steps, *args.snapshots)}",
             f"log.sample_every_steps={args.steps}",
         ]
     start = time.perf_counter()
@@ -119,6 +140,13 @@ def train_run(arm: str, seed: int, args: argparse.Namespace, run_dir: Path) -> f
     if proc.returncode != 0:
         raise SystemExit(f"{arm} seed {seed} failed (exit {proc.returncode}); see {run_dir.with_suffix('.log')}")
     seconds = time.perf_counter() - start
+    if ARMS[arm] is not None:  # the trainer's checkpoints -> snapshots (G only), then drop the checkpoints
+        for step in args.snapshots:
+            if step != args.steps:
+                snapshot_path(run_dir, step).parent.mkdir(exist_ok=True)
+                checkpoint = run_dir / "checkpoints" / f"step-{step:08d}"
+                shutil.copy(checkpoint / "model.safetensors", snapshot_path(run_dir, step))
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     timing.write_text(f"{seconds:.1f}\n")
     return seconds
 
@@ -134,8 +162,9 @@ def real_diversity(cfg: Config, count: int = 1000) -> float:
 
 
 def measure(
-    cfg: Config, runs: dict[tuple[str, int], Path], modes: list[str], device: str
-) -> dict[tuple[str, int, str], dict]:
+    cfg: Config, runs: dict[tuple[str, int], Path], modes: list[str], device: str, steps: int, snapshots: list[int]
+) -> dict[tuple[str, int, str, int], dict]:
+    """Every run's generator at each snapshot step and at the end, in each BatchNorm mode."""
     from accelerate import Accelerator
 
     from trainer.monitor.diversity import pixel_diversity
@@ -148,29 +177,48 @@ def measure(
     weights = Path(cfg.eval.feature_extractor_weights or "default")
     results = {}
     for (arm, seed), run_dir in runs.items():
-        generator = Generator(cfg.model.nz, cfg.model.ngf, cfg.model.resolution)
-        generator.load_state_dict(load_file(str(run_dir / WEIGHTS)))
-        for mode in modes:
-            # Stored beside the run: an interrupted comparison does not measure it again.
-            stored = run_dir / f"measured-{mode}-{cfg.eval.num_samples}-{weights.stem}.json"
-            if stored.is_file():
-                results[(arm, seed, mode)] = json.loads(stored.read_text())
-            else:
-                r = evaluator.evaluate(generator.to(evaluator.acc.device).eval(), mode)
-                images = generate(generator, z, str(evaluator.acc.device), cfg.eval.batch_size, mode)
-                r["diversity"] = pixel_diversity(images) / real
-                stored.write_text(json.dumps(r))
-                results[(arm, seed, mode)] = r
-            r = results[(arm, seed, mode)]
-            print(
-                f"{arm:14} seed {seed} {mode:7}: FID {r['fid']:8.2f}  score {r['is_mean']:.2f}  "
-                f"diversity {r['diversity']:.2f}  ({r['eval_s']:.0f}s)",
-                flush=True,
+        for step in sorted({*snapshots, steps}):
+            generator = Generator(cfg.model.nz, cfg.model.ngf, cfg.model.resolution)
+            generator.load_state_dict(
+                load_file(str(run_dir / WEIGHTS if step == steps else snapshot_path(run_dir, step)))
             )
+            at = "" if step == steps else f"-step{step}"
+            for mode in modes:
+                # Stored beside the run: an interrupted comparison does not measure it again.
+                stored = run_dir / f"measured-{mode}-{cfg.eval.num_samples}-{weights.stem}{at}.json"
+                if stored.is_file():
+                    r = json.loads(stored.read_text())
+                else:
+                    r = evaluator.evaluate(generator.to(evaluator.acc.device).eval(), mode)
+                    images = generate(generator, z, str(evaluator.acc.device), cfg.eval.batch_size, mode)
+                    r["diversity"] = pixel_diversity(images) / real
+                    stored.write_text(json.dumps(r))
+                results[(arm, seed, mode, step)] = r
+                print(
+                    f"{arm:14} seed {seed} {mode:7} step {step:6}: FID {r['fid']:8.2f}  score {r['is_mean']:.2f}  "
+                    f"diversity {r['diversity']:.2f}  ({r['eval_s']:.0f}s)",
+                    flush=True,
+                )
     return results
 
 
-def table(results: dict[tuple[str, int, str], dict], steps: int, seconds: dict[tuple[str, int], float]) -> str:
+def table(results: dict[tuple[str, int, str, int], dict], steps: int, seconds: dict[tuple[str, int], float]) -> str:
+    """The protocol's table (each run's generator at `steps`), then, with snapshots from half the run on,
+    each run's mean over them."""
+    text = _table({(a, s, m): r for (a, s, m, t), r in results.items() if t == steps}, steps, seconds)
+    late = sorted({t for *_, t in results if t >= steps // 2})
+    if len(late) > 1:
+        mean = {}
+        for a, s, m, t in results:
+            if t == steps:
+                rows = [results[(a, s, m, u)] for u in late]
+                mean[(a, s, m)] = {k: statistics.mean(r[k] for r in rows) for k in ("fid", "is_mean", "diversity")}
+        steps_text = ", ".join(map(str, late))
+        text += f"\nEach run's mean over its generators at steps {steps_text}:\n\n" + _table(mean, steps, seconds)
+    return text
+
+
+def _table(results: dict[tuple[str, int, str], dict], steps: int, seconds: dict[tuple[str, int], float]) -> str:
     lines = [
         "| arm | BN stats | steps | seeds | FID (classifier) per seed | mean ± sd | classifier score mean | diversity mean | train s/run |",
         "|---|---|---:|---:|---|---:|---:|---:|---:|",
@@ -206,12 +254,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classic-workers", type=int, default=0, help="DataLoader workers of the classic loop")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to measure")
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
+    parser.add_argument(
+        "--snapshots", type=int, nargs="*", default=[], help="also keep and measure G at these steps, e.g. 1000 1500"
+    )
+    parser.add_argument("--no-measure", action="store_true", help="train only (measure with a later call)")
     parser.add_argument("--classic-child", type=Path, help=argparse.SUPPRESS)  # internal: train one classic run
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every arm")
     args = parser.parse_intermixed_args(argv)
     torch.set_num_threads(args.threads)
     if args.classic_child:
-        train_classic(load_config(args.config, args.overrides), args.steps, args.classic_child, args.classic_workers)
+        cfg = load_config(args.config, args.overrides)
+        train_classic(cfg, args.steps, args.classic_child, args.classic_workers, args.snapshots)
         return 0
     if not args.data or not args.reference:
         parser.error("--data and --reference are required")
@@ -226,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     # Seed-major: a partial comparison already has every arm. Each training is its own process.
     with ThreadPoolExecutor(max(1, args.parallel)) as pool:
         seconds = dict(zip(runs, pool.map(train, runs), strict=True))
+    if args.no_measure:
+        return 0
 
     eval_overrides = [
         "data.source=folder",
@@ -238,12 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, [*args.overrides, *eval_overrides])
     modes = ["running", "batch"] if args.bn_stats == "both" else [args.bn_stats]
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    results = measure(cfg, runs, modes, device)
+    results = measure(cfg, runs, modes, device, args.steps, args.snapshots)
     text = table(results, args.steps, seconds)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"quality-{args.steps}steps.md").write_text(text)
-    records = [{"arm": a, "seed": s, "bn_stats": m, "steps": args.steps, **r} for (a, s, m), r in results.items()]
+    records = [{"arm": a, "seed": s, "bn_stats": m, "steps": t, **r} for (a, s, m, t), r in results.items()]
     (args.out / f"quality-{args.steps}steps.json").write_text(json.dumps(records, indent=1))
     return 0
 

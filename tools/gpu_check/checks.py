@@ -802,7 +802,7 @@ def quality(
         raise
     ctx.record(wall_s=round(done.wall_s, 1))
     require_success(done, "tools/compare_quality.py")
-    records = json.loads((out / f"quality-{steps}steps.json").read_text())
+    records = [r for r in json.loads((out / f"quality-{steps}steps.json").read_text()) if r["steps"] == steps]
     table = (out / f"quality-{steps}steps.md").read_text()
     ctx.keep(out / f"quality-{steps}steps.json")
     summary = quality_verdict(records)
