@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from trainer.checkpoint_args import checkpoint_config
 
 from tests.conftest import run_trainer, smoke_args
-from trainer.checkpoint_args import checkpoint_config
+from tools import classifier as tool
 from trainer.core.checkpoint import find_checkpoint, load_generator
 from trainer.core.config import load_config
 from trainer.core.models import Generator
@@ -44,7 +45,7 @@ def tiny_weights(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     network = cf.SmallConvNet(TINY.widths)
     path = tmp_path_factory.mktemp("classifier") / "tiny.safetensors"
-    cf.save_weights(network, path, {"recipe": json.dumps({"arch": cf.ARCH_VERSION, **vars(TINY)})})
+    tool.save_weights(network, path, {"recipe": json.dumps({"arch": cf.ARCH_VERSION, **vars(TINY)})})
     return path
 
 
@@ -60,13 +61,33 @@ def run_dir(tmp_path_factory) -> Path:
 def test_classifier_trains_on_generated_images_and_round_trips_through_safetensors(tmp_path):
     torch.set_num_threads(1)
     train, test = _coloured(320, seed=0), _coloured(100, seed=0)  # same palette: the classes are learnable
-    network = cf.train_classifier(train, TINY, log=lambda line: None)
-    assert cf.accuracy(network, *test) > 0.5  # chance is 0.1
+    network = tool.train_classifier(train, TINY, log=lambda line: None)
+    assert tool.accuracy(network, *test) > 0.5  # chance is 0.1
     path = tmp_path / "w.safetensors"
-    cf.save_weights(network, path, {"recipe": json.dumps(vars(TINY))})
+    tool.save_weights(network, path, {"recipe": json.dumps(vars(TINY))})
     again = cf.load_network(path)
     x = cf.to_input(test[0][:8])
     assert torch.equal(network(x)[1], again(x)[1])
+
+
+def test_calibrate_tool_scores_real_blurred_and_noisy_images(tiny_weights, tmp_path):
+    """`python -m tools.classifier calibrate` on a tiny CIFAR-10-shaped JPEG tree: one row per variant."""
+    from PIL import Image
+
+    for split, count in (("train", 3), ("test", 2)):
+        images, labels = _coloured(10 * count, seed=2)
+        for i, (image, label) in enumerate(zip(images, labels.tolist(), strict=True)):
+            folder = tmp_path / "cifar" / split / cf.CLASSES[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:04d}.png")
+    out = tmp_path / "calibration.md"
+    args = ["calibrate", "--data", str(tmp_path / "cifar"), "--weights", str(tiny_weights), "--num", "20"]
+    assert tool.main([*args, "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == 9 and rows[0].startswith("| real train images (32x32) |")
+    kid = {row.split(" | ")[0][2:]: float(row.split(" | ")[2]) for row in rows[:-1]}  # x 1000
+    assert kid["uniform noise images"] > 10 * abs(kid["real train images (32x32)"])  # even an untrained net tells
+    assert tool.main(["calibrate", "--data", str(tmp_path / "nowhere")]) == 2  # one line, exit 2
 
 
 def test_extractor_is_registered_and_takes_uint8_images_of_any_size(tiny_weights):
@@ -89,7 +110,7 @@ def test_extractor_is_registered_and_takes_uint8_images_of_any_size(tiny_weights
 
 def test_missing_classifier_weights_name_the_train_command(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
-    with pytest.raises(EvaluationError, match="python -m trainer.quality.classifier train --data"):
+    with pytest.raises(EvaluationError, match="python -m tools.classifier train --data"):
         fid.resolve_weights(cf.NAME, None)
     with pytest.raises(EvaluationError, match="is not a file; train it"):
         fid.resolve_weights(cf.NAME, str(tmp_path / "nope.safetensors"))
