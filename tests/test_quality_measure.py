@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from trainer.checkpoint_args import checkpoint_config
 
 from tests.conftest import run_trainer, smoke_args
 from tools import classifier as tool
-from trainer.core.checkpoint import find_checkpoint, load_generator
+from trainer.core.checkpoint import checkpoint_config, find_checkpoint, load_generator
 from trainer.core.config import load_config
 from trainer.core.models import Generator
 from trainer.evaluate import main as evaluate_main

@@ -18,14 +18,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint_args import add_bn_stats_argument, add_checkpoint_arguments, checkpoint_config
-from trainer.core.checkpoint import find_checkpoint, load_generator, run_dir_of
+from trainer.core.checkpoint import (
+    add_checkpoint_arguments,
+    checkpoint_config,
+    find_checkpoint,
+    load_generator,
+    run_dir_of,
+)
 from trainer.core.config import Config, program_name
 from trainer.core.runtime import build_accelerator
 from trainer.monitor.console import Console
 from trainer.monitor.tracking import POSTHOC, evaluation_target, log_evaluation
 from trainer.prepare import prepare_evaluation
-from trainer.quality.fid import Evaluator
+from trainer.quality.fid import Evaluator, add_bn_stats_argument
 from trainer.util.errors import UserError
 from trainer.util.ranks import main_decides, one_process_first
 
