@@ -8,7 +8,6 @@ Reads the config, runs the loop, turns user errors into one line and exit code 2
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -21,11 +20,12 @@ if __package__ in (None, ""):
 
 from trainer.core.config import parse_args  # noqa: E402
 from trainer.util.errors import RunError, UserError  # noqa: E402
+from trainer.util.ranks import launch_rank  # noqa: E402
 
 
 def _is_main_process() -> bool:
     """Errors can come before the Accelerator exists: the launcher's RANK says which process prints them."""
-    return os.environ.get("RANK", "0") == "0"
+    return launch_rank() == 0
 
 
 def main(argv: list[str] | None = None) -> int:

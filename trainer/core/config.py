@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from trainer.util.errors import ConfigError
+from trainer.util.ranks import launch_rank
 
 
 def setting(default: Any, help: str, *, fixed_on_resume: bool = False) -> Any:
@@ -507,7 +508,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None, descripti
     args = build_parser(prog, description).parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
-        if os.environ.get("RANK", "0") == "0":  # one copy under accelerate launch
+        if launch_rank() == 0:  # one copy under accelerate launch
             print(to_yaml(cfg), end="", flush=True)
         raise SystemExit(0)
     return cfg
