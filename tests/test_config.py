@@ -273,10 +273,20 @@ def test_console_scripts_are_declared_and_point_at_the_entry_points():
         assert callable(getattr(importlib.import_module(module), function))
 
 
-def test_readme_tables_name_every_config_key():
-    readme = (REPO / "README.md").read_text()
-    missing = [k.key for k in schema_keys() if f"`{k.key}`" not in readme]
-    assert not missing, f"README tables lack {missing}"
+def test_configuration_page_is_generated_from_the_schema_and_current():
+    """docs/configuration.md's key tables are the schema's (python -m tools.config_docs); a stale page fails."""
+    from tools import config_docs
+
+    page = config_docs.PAGE.read_text()
+    assert config_docs.render(page) == page, "docs/configuration.md is stale: run python -m tools.config_docs"
+    missing = [k.key for k in schema_keys() if f"| `{k.key}`" not in page]
+    assert not missing, f"docs/configuration.md lacks {missing}"
+    fixed = {k.key for k in schema_keys() if k.fixed_on_resume}
+    assert {line.split("`")[1] for line in page.splitlines() if line.startswith("| `") and " \\* |" in line} == fixed
+    # a changed help text (or a new key) makes the page stale
+    edited = page.replace("| Adam learning rate, both nets |", "| the learning rate |")
+    assert edited != page and config_docs.render(edited) != edited
+    assert config_docs.main(["--check"]) == 0
     # the default run directory is the one the README's commands use
     assert (
         load_config().run.dir
