@@ -256,7 +256,7 @@ def load_feature_extractor(spec: str, path: Path | None) -> nn.Module:
         where = f" from {path}" if path else ""
         raise EvaluationError(
             f"cannot build feature extractor {spec!r}{where} ({reason}); a damaged or wrong weights file? "
-            "Fetch it again (see the README, Evaluate)"
+            "Fetch it again (docs/evaluation.md)"
         ) from None
     return extractor
 
