@@ -1,7 +1,8 @@
 """The commands of the README and of the docs pages, run in order as a new user pastes them; their links.
 
 How (docs/testing.md): the repository is copied into a temporary directory with a virtual
-environment of its own (the machine's packages visible, no package index), so the README's
+environment of its own, which sees the packages of the interpreter running the tests (the system
+Python's or a virtual environment's) but installs into itself, with no package index; the README's
 `pip install` and `make train` lines then install the copy there and nowhere else. Every ```bash
 block runs in order, in one `bash -e` each, and every ```python block with the environment's
 python; each must exit 0. The README comes first, then the docs pages in name order, in the same
@@ -16,8 +17,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import site
 import subprocess
 import sys
+import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,14 +127,46 @@ def _copy_repository(dst: Path) -> None:
             shutil.copy2(source, dst / name)
 
 
+def _running_site_dirs() -> list[str]:
+    """The site-packages directories of the interpreter running the tests: a virtual environment's
+    (and its base's, if it sees them), or the system Python's; the user site if it is on sys.path."""
+    dirs = [*site.getsitepackages()]
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    return [d for d in dirs if d in sys.path]
+
+
+def _make_venv(venv: Path) -> None:
+    """A virtual environment that installs into itself and sees the running interpreter's packages.
+
+    `venv --system-site-packages` would show the *base* interpreter's packages, which inside an
+    activated virtual environment are not the ones the tests run with (torch may be missing there).
+    A .pth file instead adds the running interpreter's own site directories (their .pth files
+    processed, as for any site directory), after the environment's own: what pip installs here wins.
+    """
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    own_site = Path(
+        subprocess.run(
+            [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
+    dirs = ", ".join(repr(d) for d in _running_site_dirs())
+    (own_site / "_outer_site.pth").write_text(f"import site; list(map(site.addsitedir, ({dirs},)))\n")
+    # Commands of packages installed in the running environment, run by this environment's python
+    # (pip installs into it; accelerate's workers then see what pip installed here).
+    for name, module in (("pip", "pip"), ("accelerate", "accelerate.commands.accelerate_cli")):
+        shim = venv / "bin" / name
+        shim.write_text(f'#!/bin/sh\nexec "$(dirname "$0")/python" -m {module} "$@"\n')
+        shim.chmod(0o755)
+
+
 def _environment(root: Path) -> dict[str, str]:
     """A virtual environment in `root`/venv and the variables of a new user's shell that uses it."""
     venv = root / "venv"
-    # Without pip of its own: the machine's pip and setuptools (system site-packages) install into it.
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
-    pip = venv / "bin" / "pip"
-    pip.write_text('#!/bin/sh\nexec "$(dirname "$0")/python" -m pip "$@"\n')
-    pip.chmod(0o755)
+    _make_venv(venv)
     env = {
         key: value
         for key, value in os.environ.items()
@@ -140,12 +175,14 @@ def _environment(root: Path) -> dict[str, str]:
     }
     home = root / "home"
     home.mkdir()
+    # Other commands of the running environment (wandb, tensorboard) stay reachable after the venv's own.
+    path = [str(venv / "bin"), sysconfig.get_path("scripts"), os.environ.get("PATH", "")]
     env.update(
         HOME=str(home),  # no W&B credentials, no accelerate config: a new user's machine
         XDG_CACHE_HOME=str(home / ".cache"),
         XDG_CONFIG_HOME=str(home / ".config"),
         VIRTUAL_ENV=str(venv),
-        PATH=f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+        PATH=os.pathsep.join(path),
         PIP_NO_INDEX="1",  # everything is installed already; the pages' pip lines must still succeed
         PIP_NO_DEPS="1",
         PIP_NO_BUILD_ISOLATION="0",  # pip's spelling of --no-build-isolation
