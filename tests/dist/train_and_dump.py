@@ -7,11 +7,15 @@ last by the loop) saves each rank's copy to <run.dir>/rank<r>_<model index>.safe
 import sys
 from pathlib import Path
 
-from accelerate import Accelerator
-from safetensors.torch import save_file
+# This checkout's trainer, as trainer/train.py imports it: a Slurm job does not get the tests'
+# PYTHONPATH, and an installed (editable) trainer elsewhere would otherwise train instead.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from trainer.core.config import parse_args
-from trainer.train import main
+from accelerate import Accelerator  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from trainer.core.config import parse_args  # noqa: E402
+from trainer.train import main  # noqa: E402
 
 _end_training = Accelerator.end_training
 
