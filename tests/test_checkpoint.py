@@ -1,21 +1,41 @@
-"""Checkpoint decisions in process: which checkpoint a run resumes from, what it refuses, and the best one.
+"""trainer/core/checkpoint.py: which checkpoint a run resumes from, what a resume refuses, the best
+checkpoint, and clean stops that resume exactly.
 
-The end-to-end versions (through the entry point, in subprocesses) are in tests/test_resume.py; these
-cover the branches those leave out and run in a fraction of a second each.
+First in process (a tiny prepared model, checkpoints saved at chosen steps: each branch of the
+decisions in a fraction of a second), then through the real entry point in subprocesses (marked
+`slow`). Faults around checkpoints (kills inside a write, a full disk, code in a pickle) are in
+tests/test_reliability.py.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import signal
 from pathlib import Path
 
 import pytest
+import torch
 from accelerate import Accelerator
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
 from torch import nn
 
-from trainer.core.checkpoint import BEST, MANIFEST, TRAIN_STATE, Checkpointer, TrainState, _sha256, verify
-from trainer.core.config import load_config
+from tests.conftest import run_trainer, smoke_args, start_trainer
+from tests.test_training import _wait_for
+from trainer.core.checkpoint import (
+    BEST,
+    MANIFEST,
+    TRAIN_STATE,
+    Checkpointer,
+    TrainState,
+    _check_compatible,
+    _check_config_changes,
+    _sha256,
+    config_changes,
+    verify,
+)
+from trainer.core.config import load_config, schema_keys, to_dict, to_yaml
 from trainer.util.errors import CheckpointError
 
 
@@ -60,9 +80,7 @@ def _truncate(file: Path) -> int:
     return len(data)
 
 
-# ---- resume decisions ------------------------------------------------------------------------------
-
-
+# ---- resume decisions, in process --------------------------------------------------------------------
 def test_auto_resume_picks_the_newest_and_starts_fresh_without_checkpoints(tmp_path):
     run = Run(tmp_path)
     assert run.resume("auto") is None and run.resume("never") is None
@@ -193,7 +211,68 @@ def test_loading_restores_the_state_and_the_loaded_step_is_not_saved_again(tmp_p
     assert fresh.names() == ["step-00000020"] and (path / MANIFEST).stat().st_mtime_ns == written
 
 
-# ---- the best checkpoint ---------------------------------------------------------------------------
+def test_resuming_into_fp16_from_another_precision_names_both(tmp_path):
+    checkpoint = tmp_path / "step-00000010"
+    checkpoint.mkdir()
+    cfg = load_config(None, ["data.source=fake", "train.mixed_precision=fp16"])
+    (checkpoint / "config.yaml").write_text(to_yaml(cfg))
+    state = TrainState(step=10, global_batch=cfg.train.batch_size, precision="bf16")
+    (checkpoint / "train_state.json").write_text(json.dumps(state.to_json()))
+    with pytest.raises(CheckpointError, match="trained with precision bf16, and this run uses fp16"):
+        _check_compatible(checkpoint, cfg, "fp16")
+    _check_compatible(checkpoint, cfg, "no")  # bf16 -> fp32 resumes
+
+
+def test_resume_compares_configs_refuses_trajectory_keys_and_lets_schedule_keys_change(tmp_path, capsys):
+    saved = to_dict(load_config())
+    free = load_config(None, ["train.epochs=50", "log.every_steps=10", "ckpt.keep=5", "eval.num_samples=50000"])
+    assert [c[0] for c in config_changes(saved, free)] == [
+        "train.epochs",
+        "ckpt.keep",
+        "log.every_steps",
+        "eval.num_samples",
+    ]
+    _check_config_changes(tmp_path, saved, free)  # schedule, logging, checkpoints, evaluation: free
+    assert "with config changes: train.epochs: 25 -> 50;" in capsys.readouterr().out
+
+    for override in ("train.lr=1e-4", "data.root=elsewhere", "model.ngf=32", "train.mixed_precision=no", "run.seed=1"):
+        with pytest.raises(CheckpointError, match="changes the training trajectory: " + override.split("=")[0]):
+            _check_config_changes(tmp_path, saved, load_config(None, [override]))
+    allowed = load_config(None, ["train.lr=1e-4", "run.resume_changes=allow"])
+    _check_config_changes(tmp_path, saved, allowed)
+    assert "(run.resume_changes=allow): train.lr: 0.0002 -> 0.0001" in capsys.readouterr().out
+    # a config written before a key existed is not compared on that key
+    older = OmegaConf.to_container(OmegaConf.create(saved))
+    del older["log"]["wandb_artifacts"]
+    assert config_changes(older, load_config(None, ["log.wandb_artifacts=best"])) == []
+    fixed = {k.key for k in schema_keys() if k.fixed_on_resume}
+    assert {"train.lr", "train.betas", "train.batch_size", "run.seed", "model.nz"} <= fixed
+    assert not fixed & {"train.epochs", "train.max_steps", "data.num_workers", "data.cache_dir", "run.name"}
+
+
+# ---- the best checkpoint, and what a save never does -------------------------------------------------
+def test_best_checkpoint_survives_rotation_until_a_better_one_comes(tmp_path):
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(nn.Linear(2, 2))
+    cfg = load_config(None, ["data.source=fake", f"run.dir={tmp_path}"])
+    checkpointer = Checkpointer(tmp_path, accelerator, keep=2)
+    state = TrainState(global_batch=64)
+    names = lambda: sorted(p.name for p in checkpointer.complete())  # noqa: E731
+
+    for step, score in [(1, None), (2, 5.0), (3, 7.0), (4, float("nan")), (5, 6.0), (6, None)]:
+        state.step = step
+        checkpointer.save(state, cfg)
+        if score is not None:
+            kept = checkpointer.keep_if_best(state, cfg, score, {"weights": "raw"})
+            assert kept == (step == 2)
+    assert names() == ["step-00000002", "step-00000005", "step-00000006"]  # best kept beside the newest two
+    assert checkpointer.best() == {"checkpoint": "step-00000002", "step": 2, "fid": 5.0, "weights": "raw"}
+
+    state.step = 7  # a better FID at a step not yet checkpointed: saved, recorded, the old best let go
+    assert checkpointer.keep_if_best(state, cfg, 4.0, {"weights": "raw"})
+    assert names() == ["step-00000006", "step-00000007"] and checkpointer.best()["checkpoint"] == "step-00000007"
+    assert not (tmp_path / "checkpoints" / f".tmp-{BEST}").exists()
+    del model
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
@@ -239,3 +318,119 @@ def test_a_save_never_replaces_a_complete_checkpoint(tmp_path):
         other.checkpointer.save(other.state, other.cfg)
     assert {p.name: p.read_bytes() for p in existing.iterdir()} == before
     assert run.names() == ["step-00000010"]  # no copy, no temporary directory left
+
+
+# ---- through the entry point (subprocesses) ----------------------------------------------------------
+LONG = ["data.fake_size=1024", "train.epochs=1", "ckpt.every_steps=8", "ckpt.keep=50", "log.every_steps=8"]
+
+
+def _snapshot(directory: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob("*")}
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    x, y = load_file(str(a)), load_file(str(b))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.slow
+def test_damaged_newest_checkpoint_is_kept_aside_and_the_previous_one_used(tmp_path):
+    run_dir = tmp_path / "run"
+    run_trainer(smoke_args(run_dir, "train.max_steps=20", "ckpt.keep=5"))
+    model = run_dir / "checkpoints" / "step-00000020" / "model.safetensors"
+    data = bytearray(model.read_bytes())
+    data[-100] ^= 0xFF  # one flipped byte: same size, wrong checksum
+    model.write_bytes(bytes(data))
+
+    proc = run_trainer(smoke_args(run_dir, "train.max_steps=24", "ckpt.keep=5"))
+    assert "step-00000020 is damaged (model.safetensors does not match its checksum)" in proc.stderr
+    # checkpoints were 10, 16 (epoch end) and 20: the newest intact one is 16
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-00000016'}" in proc.stdout
+    damaged = run_dir / "checkpoints" / "step-00000020.damaged"
+    assert damaged.is_dir() and (damaged / "model.safetensors").read_bytes() == bytes(data)
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["step-00000010", "step-00000016", "step-00000020", "step-00000020.damaged", "step-00000024"]
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_model_is_refused_and_nothing_is_touched(tmp_path):
+    run_dir = tmp_path / "run"
+    run_trainer(smoke_args(run_dir, "train.max_steps=10"))
+    before = _snapshot(run_dir)
+    proc = run_trainer(smoke_args(run_dir, "train.max_steps=20", "model.ngf=16"), check=False)
+    assert proc.returncode == 2
+    assert "model.ngf: checkpoint 8, this run 16" in proc.stderr
+    assert _snapshot(run_dir) == before
+
+
+@pytest.mark.slow
+def test_resume_with_a_changed_learning_rate_is_refused_unless_allowed(tmp_path):
+    run_dir = tmp_path / "run"
+    run_trainer(smoke_args(run_dir, "train.max_steps=10", "log.tracker=none"))
+    before = _snapshot(run_dir)
+    changed = smoke_args(run_dir, "train.max_steps=20", "log.tracker=none", "train.lr=1e-3")
+    proc = run_trainer(changed, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert "changes the training trajectory: train.lr: 0.0002 -> 0.001" in error
+    assert "also changed, allowed: train.max_steps: 10 -> 20" in error and "run.resume_changes=allow" in error
+    assert _snapshot(run_dir) == before  # refused before anything was written
+
+    proc = run_trainer([*changed, "run.resume_changes=allow"])
+    assert "with config changes (run.resume_changes=allow): train.max_steps: 10 -> 20; train.lr: 0.0002 -> 0.001" in (
+        proc.stdout
+    )
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-00000010'}" in proc.stdout
+    assert "finished at step 20/20" in proc.stdout
+
+
+@pytest.mark.slow
+def test_resume_never_refuses_a_directory_with_checkpoints(tmp_path):
+    run_dir = tmp_path / "run"
+    run_trainer(smoke_args(run_dir, "train.max_steps=10"))
+    before = _snapshot(run_dir)
+    proc = run_trainer(smoke_args(run_dir, "run.resume=never"), check=False)
+    assert proc.returncode == 2 and "run.resume=never" in proc.stderr and "step-00000010" in proc.stderr
+    assert _snapshot(run_dir) == before
+
+
+@pytest.mark.slow
+def test_explicit_resume_into_a_new_run_dir_and_refusal_to_fork_in_place(tmp_path):
+    run_dir = tmp_path / "run"
+    run_trainer(smoke_args(run_dir, "train.max_steps=20", "ckpt.keep=5"))
+    old = run_dir / "checkpoints" / "step-00000010"
+    proc = run_trainer(smoke_args(run_dir, f"run.resume={old}", "train.max_steps=30"), check=False)
+    assert proc.returncode == 2 and "older than step-00000020" in proc.stderr
+    branch = tmp_path / "branch"
+    proc = run_trainer(smoke_args(branch, f"run.resume={old}", "train.max_steps=20"))
+    assert f"resumed from {old} (step 10" in proc.stdout
+    assert _same_weights(run_dir / "generator.safetensors", branch / "generator.safetensors")
+    missing = run_trainer(smoke_args(tmp_path / "x", f"run.resume={tmp_path / 'nope'}"), check=False)
+    assert missing.returncode == 2 and "is not a directory" in missing.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how, processes", [("sigterm", 1), ("stop_file", 2)])
+def test_clean_stop_checkpoints_and_resume_matches_uninterrupted(tmp_path, how, processes):
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    run_trainer(smoke_args(reference, *LONG), processes=processes)
+    proc = start_trainer(smoke_args(stopped, *LONG), processes)
+    try:
+        _wait_for(stopped / "checkpoints" / "step-00000008", proc, timeout=120)
+        if how == "sigterm":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            (stopped / "STOP").touch()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    stop_line = next(line for line in out.splitlines() if line.startswith("stopped at step"))
+    step = int(stop_line.split()[3].split("/")[0])
+    assert step % 10 == 0 and step < 64, stop_line  # ranks agree on a multiple of 10 steps
+    assert (stopped / "checkpoints" / f"step-{step:08d}" / "manifest.json").is_file()
+    assert not (stopped / "STOP").exists()
+    out = run_trainer(smoke_args(stopped, *LONG), processes=processes).stdout
+    assert f"(step {step}, epoch 0, {step} steps into it)" in out
+    for name in ("generator.safetensors", "discriminator.safetensors"):
+        assert _same_weights(reference / name, stopped / name), name

@@ -1,12 +1,22 @@
+"""trainer/core/config.py and the command line: the schema, YAML files, overrides, every validation
+error (one line naming the key, exit code 2), `--help`, `--print-config` and the entry points."""
+
+from __future__ import annotations
+
+import importlib
+import re
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-from tests.conftest import REPO, run_trainer, smoke_args
-from trainer.core.config import Config, load_config
-from trainer.util.errors import CheckpointError, ConfigError
+from tests.conftest import REPO, SMOKE, run_trainer, smoke_args
+from trainer.core.config import ENV_OVERRIDES, Config, load_config, schema_keys, to_yaml
+from trainer.train import main as train_main
+from trainer.util.errors import ConfigError
 
 
+# ---- the schema and the shipped configs --------------------------------------------------------------
 def test_defaults_are_the_classic_recipe():
     cfg = load_config()
     assert (cfg.model.resolution, cfg.model.nz, cfg.model.ngf, cfg.model.ndf) == (64, 100, 64, 64)
@@ -45,6 +55,7 @@ def test_overrides_win_over_file_and_interpolate_run_dir():
     assert isinstance(cfg, Config)
 
 
+# ---- validation: one line naming the key -------------------------------------------------------------
 @pytest.mark.parametrize(
     "overrides, needle",
     [
@@ -76,6 +87,215 @@ def test_unknown_key_in_yaml_names_file_and_valid_keys(tmp_path: Path):
     assert "train.batchsize" in str(info.value) and str(bad) in str(info.value) and "batch_size" in str(info.value)
 
 
+AT_LEAST_ONE = [
+    "model.nz",
+    "model.ngf",
+    "model.ndf",
+    "train.batch_size",
+    "train.epochs",
+    "ckpt.every_steps",
+    "ckpt.keep",
+    "log.every_steps",
+    "log.sample_every_steps",
+    "log.sample_grid_size",
+    "data.fake_size",
+]
+
+
+def _refused(overrides: list[str], config: str | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(config, overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("key", AT_LEAST_ONE)
+def test_sizes_and_intervals_must_be_at_least_one(key):
+    assert f"{key}=0 must be at least 1" in _refused([f"{key}=0"])
+    load_config(None, [f"{key}=1"])  # the boundary itself is fine
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("model.resolution=8", "model.resolution=8 is not supported"),
+        ("model.resolution=512", "model.resolution=512 is not supported"),
+        ("train.max_rollbacks=-1", "train.max_rollbacks=-1 must be 0 or more"),
+        ("data.num_workers=-1", "data.num_workers=-1 must be 0 or more"),
+        ("train.max_steps=0", "train.max_steps=0 must be at least 1, or null"),
+        ("train.lr=0", "train.lr=0.0 must be a positive number"),
+        ("train.lr=-0.001", "train.lr=-0.001 must be a positive number"),
+        ("train.lr=nan", "train.lr=nan must be a positive number"),
+        ("train.lr=inf", "train.lr=inf must be a positive number"),
+        ("train.betas=[0.5,1.0]", "train.betas=[0.5, 1.0] must be two numbers in [0, 1)"),
+        ("train.betas=[-0.1,0.9]", "must be two numbers in [0, 1)"),
+        ("train.betas=[0.5,0.9,0.99]", "must be two numbers in [0, 1)"),
+        ('run.name=""', "run.name='' must be a non-empty name"),
+        ("run.name=a/b", "run.name='a/b' must be a non-empty name without '/'"),
+        ('run.resume=""', "run.resume is empty"),
+        ('log.wandb_project=""', "log.wandb_project='' must be a non-empty name"),
+        ("log.wandb_project=team/project", "log.wandb_project='team/project'"),
+        ("train.ema_decay=-0.5", "train.ema_decay=-0.5 must be in [0, 1)"),
+        ("eval.every_steps=0", "eval.every_steps=0 must be at least 1, or null"),
+        ("eval.num_real=0", "eval.num_real=0 must be at least 1, or null"),
+        ("eval.batch_size=0", "eval.batch_size=0 must be at least 1"),
+        ("eval.kid_subsets=0", "eval.kid_subsets=0 must be at least 1"),
+        ("eval.kid_subset_size=1", "eval.kid_subset_size=1 must be at least 2"),
+        ("eval.seed=-1", "eval.seed=-1 must be 0 or more"),
+        ('eval.feature_extractor=""', "eval.feature_extractor is empty"),
+        ("=5", "override '=5' is not of the form key=value"),
+        ("run.dir=${nope}", "cannot resolve 'run.dir'"),
+    ],
+)
+def test_bad_value_is_refused_naming_the_key(override, needle):
+    assert needle in _refused([override])
+
+
+def test_data_root_is_needed_except_for_fake_images():
+    for source in ("cifar10", "folder"):
+        assert f"data.root is empty; data.source={source} needs a directory" in _refused(
+            [f"data.source={source}", 'data.root=""']
+        )
+    assert load_config(None, ["data.source=fake", 'data.root=""']).data.root == ""
+
+
+def test_boundaries_that_are_allowed():
+    cfg = load_config(
+        None,
+        [
+            "train.max_rollbacks=0",
+            "data.num_workers=0",
+            "train.max_steps=null",
+            "train.betas=[0.0,0.0]",
+            "train.ema_decay=null",
+            "eval.every_steps=null",
+            "eval.kid_subset_size=2",
+            "eval.seed=0",
+            "model.resolution=16",
+        ],
+    )
+    assert cfg.train.max_steps is None and cfg.model.resolution == 16
+    assert load_config(None, ["model.resolution=256"]).model.resolution == 256
+
+
+def test_config_file_missing_or_not_yaml(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    assert f"config file not found: {missing}" in _refused([], str(missing))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [unclosed\n")
+    assert f"cannot parse {broken}" in _refused([], str(broken))
+    assert "unknown config key" in _refused(["train.nope=1"], str(SMOKE))
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.ema_decay=1.0", "train.ema_decay=1.0 must be in [0, 1)"),
+        ("eval.num_samples=5", "eval.num_samples=5 must be at least 10"),
+        ("eval.every_epochs=0", "eval.every_epochs=0 must be at least 1, or null"),
+        ("eval.split=val", "eval.split='val' is not one of train, test"),
+    ],
+)
+def test_bad_evaluation_settings_are_refused(override, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert expected in str(info.value)
+    with pytest.raises(ConfigError, match="eval.split=test needs data.source=cifar10"):
+        load_config(None, ["data.source=fake", "eval.split=test"])
+    assert load_config(None, ["train.ema_decay=0"]).train.ema_decay is None  # 0 means off
+
+
+# ---- the command line --------------------------------------------------------------------------------
+SCRIPTS = {
+    "dcgan-train": "trainer.train:main",
+    "dcgan-evaluate": "trainer.evaluate:main",
+    "dcgan-sample": "trainer.sample:main",
+    "dcgan-export": "trainer.export:main",
+    "dcgan-bench": "trainer.bench:main",
+}
+
+
+def _help(capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_lists_every_key_with_its_default_and_meaning(capsys):
+    out = _help(capsys)
+    assert "--print-config" in out and "accelerate launch -m trainer.train" in out
+    rows = {}
+    for line in out.splitlines():
+        match = re.match(r"^  ([a-z_]+\.[a-z_]+)(\*?)\s+(\S+)\s+(.*)$", line)
+        if match:
+            rows[match[1]] = (match[2] == "*", match[3], match[4])
+    keys = schema_keys()
+    assert list(rows) == [k.key for k in keys]  # every key, in schema order
+    for key in keys:
+        fixed, default, meaning = rows[key.key]
+        assert meaning and key.help.startswith(meaning.split("  ")[0][:30]), key.key
+        assert fixed == key.fixed_on_resume, key.key
+    assert rows["train.lr"][:2] == (True, "0.0002") and rows["train.epochs"][:2] == (False, "25")
+    assert rows["run.name"][1] == "dcgan_cifar10" and rows["train.betas"][1] == "[0.5,0.999]"
+    assert rows["train.max_steps"][1] == "null" and rows["log.tracker"][1] == "wandb"
+    assert "optional cap on optimizer steps" in out
+
+
+def test_print_config_prints_the_resolved_validated_config_and_trains_nothing(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    config = str(REPO / "configs" / "dcgan_cifar10.yaml")
+    monkeypatch.setenv(ENV_OVERRIDES, "train.epochs=3 'log.wandb_tags=[a, b]'")
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--config", config, "train.lr=1e-4", "--print-config", "train.epochs=7"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    printed = OmegaConf.create(out)
+    assert printed.train.lr == 1e-4 and printed.run.dir == "runs/dcgan_cifar10"  # resolved
+    assert printed.train.epochs == 3 and list(printed.log.wandb_tags) == ["a", "b"]  # the variable wins
+    assert out == to_yaml(load_config(config, ["train.lr=1e-4", "train.epochs=7"]))  # what training would use
+    assert not list(tmp_path.iterdir())  # nothing written
+
+    monkeypatch.delenv(ENV_OVERRIDES)
+    assert train_main(["train.lr=-1", "--print-config"]) == 2  # validated: one line, exit 2
+    assert capsys.readouterr().err.startswith("error: train.lr=-1.0 must be a positive number")
+    monkeypatch.setenv(ENV_OVERRIDES, "train.epochz=3")
+    assert train_main(["--print-config"]) == 2
+    assert "unknown config key 'train.epochz' (in $DCGAN_OVERRIDES)" in capsys.readouterr().err
+
+
+def test_console_scripts_are_declared_and_point_at_the_entry_points():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == SCRIPTS
+    for target in scripts.values():
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function))
+
+
+def test_configuration_page_is_generated_from_the_schema_and_current():
+    """docs/configuration.md's key tables are the schema's (python -m tools.config_docs); a stale page fails."""
+    from tools import config_docs
+
+    page = config_docs.PAGE.read_text()
+    assert config_docs.render(page) == page, "docs/configuration.md is stale: run python -m tools.config_docs"
+    missing = [k.key for k in schema_keys() if f"| `{k.key}`" not in page]
+    assert not missing, f"docs/configuration.md lacks {missing}"
+    fixed = {k.key for k in schema_keys() if k.fixed_on_resume}
+    assert {line.split("`")[1] for line in page.splitlines() if line.startswith("| `") and " \\* |" in line} == fixed
+    # a changed help text (or a new key) makes the page stale
+    edited = page.replace("| Adam learning rate, both nets |", "| the learning rate |")
+    assert edited != page and config_docs.render(edited) != edited
+    assert config_docs.main(["--check"]) == 0
+    # the default run directory is the one the README's commands use
+    assert (
+        load_config().run.dir
+        == "runs/dcgan_cifar10"
+        == load_config(str(REPO / "configs" / "dcgan_cifar10.yaml")).run.dir
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides, processes, needle",
@@ -95,35 +315,3 @@ def test_entry_point_exits_2_with_one_line(tmp_path, overrides, processes, needl
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and needle in errors[0], proc.stderr[-3000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
-
-
-def test_resume_compares_configs_refuses_trajectory_keys_and_lets_schedule_keys_change(tmp_path, capsys):
-    from omegaconf import OmegaConf
-
-    from trainer.core.checkpoint import _check_config_changes, config_changes
-    from trainer.core.config import schema_keys, to_dict
-
-    saved = to_dict(load_config())
-    free = load_config(None, ["train.epochs=50", "log.every_steps=10", "ckpt.keep=5", "eval.num_samples=50000"])
-    assert [c[0] for c in config_changes(saved, free)] == [
-        "train.epochs",
-        "ckpt.keep",
-        "log.every_steps",
-        "eval.num_samples",
-    ]
-    _check_config_changes(tmp_path, saved, free)  # schedule, logging, checkpoints, evaluation: free
-    assert "with config changes: train.epochs: 25 -> 50;" in capsys.readouterr().out
-
-    for override in ("train.lr=1e-4", "data.root=elsewhere", "model.ngf=32", "train.mixed_precision=no", "run.seed=1"):
-        with pytest.raises(CheckpointError, match="changes the training trajectory: " + override.split("=")[0]):
-            _check_config_changes(tmp_path, saved, load_config(None, [override]))
-    allowed = load_config(None, ["train.lr=1e-4", "run.resume_changes=allow"])
-    _check_config_changes(tmp_path, saved, allowed)
-    assert "(run.resume_changes=allow): train.lr: 0.0002 -> 0.0001" in capsys.readouterr().out
-    # a config written before a key existed is not compared on that key
-    older = OmegaConf.to_container(OmegaConf.create(saved))
-    del older["log"]["wandb_artifacts"]
-    assert config_changes(older, load_config(None, ["log.wandb_artifacts=best"])) == []
-    fixed = {k.key for k in schema_keys() if k.fixed_on_resume}
-    assert {"train.lr", "train.betas", "train.batch_size", "run.seed", "model.nz"} <= fixed
-    assert not fixed & {"train.epochs", "train.max_steps", "data.num_workers", "data.cache_dir", "run.name"}

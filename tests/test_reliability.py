@@ -1,18 +1,28 @@
-"""Faults that training must survive or stop on clearly, with nothing lost: see docs/reliability.md."""
+"""Faults that training must survive or stop on clearly, with nothing lost: see docs/reliability.md.
+
+A harness of its own: the trainer runs in subprocesses with one fault patched in at a library
+boundary (tests/faults/run_with_faults.py), is killed at random moments (tests/faults/crash_harness.py),
+or meets what a cluster brings (a preparation longer than the collective timeout, a failed one, two
+nodes racing to publish one cache, the main process deciding for every rank), reproduced on CPU.
+"""
 
 import json
 import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import REPO, read_metrics, run_trainer, smoke_args, write_image_tree
+from tests.conftest import REPO, SMOKE, read_metrics, run_trainer, smoke_args, trainer_env, write_image_tree
+from tools.gpu_check.checks import free_port
 from trainer.core.checkpoint import MANIFEST, _sha256, verify
 
 pytestmark = pytest.mark.slow
 FAULTS = REPO / "tests" / "faults" / "run_with_faults.py"
+RANKS = REPO / "tests" / "dist" / "check_ranks.py"
 
 
 def run_with_faults(args: list[str], check: bool = False, **faults: str) -> subprocess.CompletedProcess:
@@ -213,3 +223,92 @@ def test_no_credentials_in_logs_configs_or_tracker_files(tmp_path):
         leaks += [f"{name} in {path}" for name, value in secrets.items() if value.encode() in data]
     leaks += [f"{name} in output" for name, value in secrets.items() if value in proc.stdout + proc.stderr]
     assert not leaks, leaks
+
+
+def _packs(cache: Path) -> list[str]:
+    return sorted(p.name for p in cache.rglob("*.npy"))
+
+
+# ---- preparation outside collectives ---------------------------------------------------------------
+def test_prepare_command_then_training_reuses_it_without_rebuilding(tmp_path):
+    images = write_image_tree(tmp_path / "images", 48, sizes=((32, 32),))
+    cache = tmp_path / "cache"
+    data = ["data.source=folder", f"data.root={images}", f"data.cache_dir={cache}"]
+    prepare = subprocess.run(
+        [sys.executable, "-m", "trainer.prepare", "--config", str(SMOKE), *data],
+        cwd=REPO,
+        env=trainer_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert prepare.returncode == 0, prepare.stderr
+    (pack,) = cache.glob("*.npy")
+    built = (pack.stat().st_ino, pack.stat().st_mtime_ns)
+
+    run_trainer(smoke_args(tmp_path / "run", "train.max_steps=4", *data), processes=2)
+    assert _packs(cache) == [pack.name] and (pack.stat().st_ino, pack.stat().st_mtime_ns) == built
+
+
+def test_preparation_longer_than_the_collective_timeout_still_trains(tmp_path, monkeypatch):
+    """dist.timeout_s=8 and a preparation of 20 s: the waiting rank is in no collective meanwhile.
+
+    (No tracker: W&B's start on rank 0 alone can take seconds on a loaded machine, which an 8 s
+    timeout is not meant for.)"""
+    monkeypatch.setenv("FAULT_SLOW_PREPARE_S", "20")
+    run_dir = tmp_path / "run"
+    args = smoke_args(run_dir, "train.max_steps=4", "dist.timeout_s=8", "log.tracker=none")
+    proc = run_trainer(args, processes=2, script=FAULTS)
+    assert "finished at step 4/4" in proc.stdout
+    assert (run_dir / "checkpoints" / "step-00000004").is_dir()
+
+
+def test_failed_preparation_ends_every_rank_within_seconds_with_the_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAULT_PREPARE_FAILS", "1")
+    start = time.monotonic()
+    proc = run_trainer(smoke_args(tmp_path / "run"), processes=2, script=FAULTS, check=False, timeout=120)
+    took = time.monotonic() - start
+    assert proc.returncode != 0
+    assert "error: injected: the dataset is broken" in proc.stderr
+    assert took < 30, f"the launch took {took:.0f}s to end"  # start-up included; the failure itself spreads in ~1 s
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_main_decides_shares_answers_and_errors_across_ranks():
+    """tests/dist/check_ranks.py asserts, on both ranks, that each rank got the main process's answer or error."""
+    proc = run_trainer([], processes=2, script=RANKS, timeout=120)
+    assert proc.stdout.count("ranks ok") == 2, proc.stdout + proc.stderr
+
+
+# ---- one pack for a job on a shared filesystem ----------------------------------------------------------
+def test_two_nodes_sharing_a_cache_build_one_pack_and_train_alike(tmp_path):
+    """Two launchers as two nodes of one job (machine rank 0 and 1), each node preparing its own cache
+    (data.cache_per_node=true) into the same shared directory, started together: both race to publish."""
+    images = write_image_tree(tmp_path / "images", 64, sizes=((32, 32),))
+    cache = tmp_path / "cache"
+    port = free_port()
+    args = smoke_args(
+        tmp_path / "run",
+        "train.max_steps=4",
+        "data.source=folder",
+        f"data.root={images}",
+        f"data.cache_dir={cache}",
+        "data.cache_per_node=true",
+    )
+
+    def node(rank: int) -> subprocess.Popen:
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+            "--machine_rank", str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+            "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+            str(REPO / "trainer" / "train.py"), *args,
+        ]  # fmt: skip
+        return subprocess.Popen(
+            command, cwd=REPO, env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+
+    nodes = [node(0), node(1)]
+    outputs = [p.communicate(timeout=240)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert len(_packs(cache)) == 1 and not list(cache.glob(".tmp-*"))
+    assert "finished at step 4/4" in outputs[0]

@@ -1,12 +1,14 @@
 """The GAN update itself (trainer/core/step.py), in process on the CPU with a real Accelerator.
 
 A learning test on a 2-D distribution, one update checked against the DCGAN update written out by
-hand, and the noise seeding that exact resume depends on.
+hand, the noise seeding that exact resume depends on, and fp16 skipped steps counted with a fused
+optimizer (as on a GPU).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
+from trainer.core.models import Discriminator, Generator
 from trainer.core.step import GANStep, grad_norm, step_noise, step_noise_seed
 
 DATA_MEAN = torch.tensor([2.0, -1.5])
@@ -63,7 +66,7 @@ def test_gan_step_learns_a_2d_gaussian(seed, one_thread):
     test there: it fails with G's target label flipped (`_bce(logits_after, 0.0)`: G runs away, its
     mean moves about 70% of the way in the wrong direction), with the D loss negated or its labels
     swapped (each check alone fails: D(x) near 0 and D(G(z)) near 1, and G's mean moves away), and
-    with either optimizer step removed. tests/faults/mutation_check.py repeats these checks.
+    with either optimizer step removed. tools/mutation_check.py repeats these checks.
     """
     torch.manual_seed(seed)
     accelerator = Accelerator(cpu=True)
@@ -199,3 +202,34 @@ class _AsRank:
 
     def __getattr__(self, name: str):
         return getattr(self._accelerator, name)
+
+
+# ---- fp16 skipped steps with a fused optimizer --------------------------------------------------------
+def _fp16_step(fused: bool) -> tuple[GANStep, torch.amp.GradScaler]:
+    accelerator = Accelerator(cpu=True)
+    # What Accelerate builds for fp16 on a GPU, on the CPU.
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=1_000_000)
+    torch.manual_seed(0)
+    g, d = Generator(8, 8, 16), Discriminator(8, 16)
+    for net in (g, d):  # forced non-finite gradients, as an fp16 overflow gives
+        next(net.parameters()).register_hook(lambda grad: grad * float("inf"))
+    opt_g = torch.optim.Adam(g.parameters(), lr=2e-4, fused=fused)
+    opt_d = torch.optim.Adam(d.parameters(), lr=2e-4, fused=fused)
+    g, d, opt_g, opt_d = accelerator.prepare(g, d, opt_g, opt_d)
+    return GANStep(accelerator, g, d, opt_g, opt_d, nz=8, run_seed=0), accelerator.scaler
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fp16_skipped_steps_are_counted_with_fused_and_plain_adam(fused):
+    """With fused Adam the scaler always calls optimizer.step() (the optimizer skips internally), so
+    Accelerate's step_was_skipped stays False; the step counts skips from the scale instead."""
+    step, scaler = _fp16_step(fused)
+    real = torch.rand(4, 3, 16, 16) * 2 - 1
+    for i in range(5):
+        step(real, i)
+    halvings = round(math.log2(2.0**16 / scaler.get_scale()))
+    skipped = step.skipped.tolist()
+    assert sum(skipped) == halvings > 0
+    assert skipped == [5, 5]  # every D and every G step overflowed
+    if fused:  # what the loop used to read: a fused optimizer is always called, so nothing looks skipped
+        assert not step.opt_d.step_was_skipped and not step.opt_g.step_was_skipped

@@ -2,7 +2,7 @@
 
 In process, the signals are raised in the test process itself against a real StopRequest; the
 slow tests send SIGINT and SIGUSR1 to a running trainer (SIGTERM and the STOP file, with a resume
-that must match an uninterrupted run, are in tests/test_resume.py).
+that must match an uninterrupted run, are in tests/test_checkpoint.py).
 """
 
 from __future__ import annotations

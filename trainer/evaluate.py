@@ -14,21 +14,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint_args import add_bn_stats_argument, add_checkpoint_arguments, checkpoint_config
-from trainer.core.checkpoint import find_checkpoint, load_generator, run_dir_of
+from trainer.core.checkpoint import (
+    add_checkpoint_arguments,
+    checkpoint_config,
+    find_checkpoint,
+    load_generator,
+    run_dir_of,
+)
 from trainer.core.config import Config, program_name
 from trainer.core.runtime import build_accelerator
 from trainer.monitor.console import Console
 from trainer.monitor.tracking import POSTHOC, evaluation_target, log_evaluation
 from trainer.prepare import prepare_evaluation
-from trainer.quality.fid import Evaluator, score_label
+from trainer.quality.fid import Evaluator, add_bn_stats_argument, score_label
 from trainer.util.errors import UserError
-from trainer.util.ranks import main_decides, one_process_first
+from trainer.util.ranks import launch_rank, main_decides, one_process_first
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             saved = None if args.out else _same_evaluation(out, checkpoint, weights, cfg)  # default name only
             if saved is None:
                 raise UserError(f"{out} exists; pass --overwrite to replace it, or --out <another file>.json")
-            if os.environ.get("RANK", "0") == "0":
+            if launch_rank() == 0:
                 print(
                     markdown_table(saved) + f"\nalready evaluated with these settings: {out} (--overwrite to recompute)"
                 )
@@ -151,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             elif target.run_id is None:
                 console.print(f"W&B: not logged ({target.why})")
     except UserError as exc:
-        if accelerator.is_main_process if accelerator else os.environ.get("RANK", "0") == "0":
+        if accelerator.is_main_process if accelerator else launch_rank() == 0:
             print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     finally:

@@ -15,8 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from trainer.checkpoint_args import checkpoint_config
-from trainer.core.checkpoint import TRAIN_STATE, export_checkpoint, find_checkpoint
+from trainer.core.checkpoint import TRAIN_STATE, checkpoint_config, export_checkpoint, find_checkpoint
 from trainer.core.config import program_name
 from trainer.util.errors import UserError
 

@@ -18,7 +18,6 @@ It takes the trainer's own arguments, so `python -m trainer.prepare <args>` prep
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -30,14 +29,14 @@ from trainer.core.config import Config, evaluation_enabled, parse_args
 from trainer.core.data import prepare_data
 from trainer.quality.fid import load_feature_extractor, reference_statistics, resolve_weights
 from trainer.util.errors import UserError
-from trainer.util.ranks import one_process_first
+from trainer.util.ranks import launch_rank, one_process_first
 
 
 def preparing_device() -> torch.device:
     """This process's GPU (reference statistics are keyed by device type), else the CPU. Local ranks map
     onto the visible devices as Accelerate maps them (modulo their count: several ranks may share one)."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        return torch.device("cuda", launch_rank(local=True))
     return torch.device("cpu")
 
 

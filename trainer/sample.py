@@ -28,11 +28,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.checkpoint_args import add_bn_stats_argument, add_checkpoint_arguments, checkpoint_config
-from trainer.core.checkpoint import find_checkpoint, load_generator
+from trainer.core.checkpoint import add_checkpoint_arguments, checkpoint_config, find_checkpoint, load_generator
 from trainer.core.config import program_name
 from trainer.core.data import to_uint8
-from trainer.quality.fid import latents
+from trainer.quality.fid import add_bn_stats_argument, latents
 from trainer.util.atomic import publish_dir, temporary_name, write_atomic
 from trainer.util.errors import UserError
 

@@ -8,7 +8,6 @@ Reads the config, runs the loop, turns user errors into one line and exit code 2
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -21,13 +20,14 @@ if __package__ in (None, ""):
 
 from trainer.core.config import parse_args  # noqa: E402
 from trainer.util.errors import RunError, UserError  # noqa: E402
+from trainer.util.ranks import launch_rank  # noqa: E402
 
 
 def _reports(exc: BaseException) -> bool:
     """The main process prints errors (they can come before the Accelerator exists: the launcher's RANK
     says which one it is); others reach it through trainer/util/ranks.py. Another process prints one
     only it can report (its node's preparation failed)."""
-    return os.environ.get("RANK", "0") == "0" or getattr(exc, "report_here", False)
+    return launch_rank() == 0 or getattr(exc, "report_here", False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,7 @@ srun bash -c 'echo "task node=$SLURMD_NODENAME nodeid=$SLURM_NODEID procid=$SLUR
     assert slurm_cluster.job_info(job)["NodeList"] == "node[1-2]"
 
 
+@pytest.mark.slow  # waits for a requeue
 def test_requeue_running_job(slurm_cluster, tmp_path):
     """`scontrol requeue` kills a running job and restarts it under the same id."""
     script = _script(
@@ -76,6 +77,7 @@ sleep 300
     assert "finished" in out, out
 
 
+@pytest.mark.slow  # waits for a time limit's warning and a requeue
 def test_signal_before_time_limit_then_self_requeue(slurm_cluster, tmp_path):
     """--signal=B:USR1@25 with --time=1 reaches a bash trap before the time limit.
 

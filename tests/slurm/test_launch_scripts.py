@@ -92,6 +92,7 @@ def single_node_run(slurm_cluster, tmp_path_factory):
     return job, work, run_dir
 
 
+@pytest.mark.slow  # trains the smoke config on the cluster
 def test_single_node_script_trains_the_smoke_config_with_two_processes(slurm_cluster, single_node_run):
     job, work, run_dir = single_node_run
     assert slurm_cluster.stdout_path(job) == work / "logs" / "slurm" / f"dcgan-{job}.out"
@@ -113,6 +114,7 @@ def test_single_node_script_trains_the_smoke_config_with_two_processes(slurm_clu
     assert (run_dir / "generator.safetensors").is_file() and (run_dir / "discriminator.safetensors").is_file()
 
 
+@pytest.mark.slow  # trains the smoke config on the cluster
 def test_warning_signal_checkpoints_requeues_and_resumes_to_the_same_weights(slurm_cluster, single_node_run, tmp_path):
     _, _, reference = single_node_run
     work = tmp_path / "work"
@@ -155,6 +157,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes_to_the_same_weights(slu
     assert [(j["job_id"], j["restart_count"]) for j in runs[1].config["slurm"]["jobs"]] == [(job, 0), (job, 1)]
 
 
+@pytest.mark.slow  # trains the smoke config on the cluster
 def test_scancel_checkpoints_and_does_not_requeue(slurm_cluster, tmp_path):
     """SIGTERM (scancel; the time limit and preemption send the same) reaches every process of the
     job: the trainer checkpoints within Slurm's KillWait (5 s here), and the job stays cancelled.
@@ -175,6 +178,7 @@ def test_scancel_checkpoints_and_does_not_requeue(slurm_cluster, tmp_path):
     assert slurm_cluster.job_info(job)["Restarts"] == "0"
 
 
+@pytest.mark.slow  # trains the smoke config on the cluster
 def test_multi_node_script_trains_on_two_nodes_to_identical_weights(slurm_cluster, single_node_run, tmp_path):
     work = tmp_path / "work"
     run_dir = work / "run"

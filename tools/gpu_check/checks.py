@@ -718,11 +718,12 @@ def tiny_classifier(path: Path) -> Path:
     """An untrained toy-sized `cifar10-classifier` (what --tiny measures with: the plumbing, not quality)."""
     import torch
 
+    from tools.classifier import save_weights
     from trainer.quality import classifier as cf
 
     torch.manual_seed(0)
     recipe = {"arch": cf.ARCH_VERSION, "widths": [4, 8], "note": "untrained toy classifier of the GPU check's --tiny"}
-    cf.save_weights(cf.SmallConvNet((4, 8)), path, {"recipe": json.dumps(recipe)})
+    save_weights(cf.SmallConvNet((4, 8)), path, {"recipe": json.dumps(recipe)})
     return path
 
 
@@ -780,7 +781,7 @@ def quality(
         raise Skip(
             f"no classifier weights ({classifier or 'none given'}): put them in the bundle "
             "(tools/bundle_offline.sh --classifier FILE) or pass --classifier FILE; train them with "
-            "`python -m trainer.quality.classifier train --data <cifar10-jpg>`"
+            "`python -m tools.classifier train --data <cifar10-jpg>`"
         )
     out = Path(ctx.shared) / f"quality-{source_digest(Path(ctx.repo))}"
     ctx.record(weights=str(weights), runs_folder=str(out), steps=steps, seeds=seeds, arms=arms, num_samples=num_samples)

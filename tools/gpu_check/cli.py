@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             args.data = str(tarball)
         if args.classifier is None and weights.is_file():
             args.classifier = str(weights)
-    if args.classifier is None:  # the weights `python -m trainer.quality.classifier train` caches, if any
+    if args.classifier is None:  # the weights `python -m tools.classifier train` caches, if any
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dcgan-trainer" / "classifier"
         cached = sorted(cache.glob("cifar10-classifier-*.safetensors"), key=os.path.getmtime)
         args.classifier = str(cached[-1]) if cached else None

@@ -32,6 +32,7 @@ which can run code. Everything else Accelerate loads with safetensors or `weight
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -49,7 +50,7 @@ from accelerate import Accelerator
 from accelerate.utils import load as accelerate_load
 from safetensors.torch import load_file, save_file
 
-from trainer.core.config import Config, ModelConfig, fixed_on_resume, flatten, to_dict, to_yaml
+from trainer.core.config import Config, ModelConfig, fixed_on_resume, flatten, load_config, to_dict, to_yaml
 from trainer.core.models import Generator
 from trainer.util.atomic import publish_dir, write_atomic, write_text_atomic
 from trainer.util.errors import CheckpointError, CheckpointWriteError
@@ -543,6 +544,18 @@ def load_generator(checkpoint: Path, model: ModelConfig, raw: bool = False) -> t
     generator = Generator(model.nz, model.ngf, model.resolution)
     generator.load_state_dict(load_file(str(checkpoint / (EMA_FILE if use_ema else GENERATOR_FILE))))
     return generator.eval().requires_grad_(False), "ema" if use_ema else "raw"
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """`target`, `--best` and `--raw` of the tools (evaluate, sample), as `find_checkpoint` and `load_generator` take them."""
+    parser.add_argument("target", help="a run directory (its newest checkpoint) or a checkpoint directory")
+    parser.add_argument("--best", action="store_true", help="the run's best checkpoint (lowest FID) instead")
+    parser.add_argument("--raw", action="store_true", help="the raw generator even if the checkpoint has an EMA")
+
+
+def checkpoint_config(checkpoint: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The config the checkpoint was trained with, plus `key=value` overrides (e.g. eval.num_samples=50000)."""
+    return load_config(str(checkpoint / CONFIG), overrides)
 
 
 def _export_state(state: dict[str, Any], path: Path, model_cfg: ModelConfig, step: int) -> None:

@@ -22,13 +22,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from trainer.util.errors import ConfigError
+from trainer.util.ranks import launch_rank
 
 
 def setting(default: Any, help: str, *, fixed_on_resume: bool = False) -> Any:
     """One config key: its default, what it means, and whether a resumed run may change it.
 
-    The help text is the one source of the key's meaning: `--help` lists it (`describe_keys`),
-    and the README's tables say the same. `fixed_on_resume` marks keys that change the training
+    The help text is the one source of the key's meaning: `--help` lists it (`describe_keys`), and
+    docs/configuration.md is generated from it (`describe_markdown`, python -m tools.config_docs). `fixed_on_resume` marks keys that change the training
     trajectory (model, data, optimiser, precision, seed): resuming a checkpoint with a different
     value is refused unless run.resume_changes=allow (`core/checkpoint.py`).
     """
@@ -40,6 +41,8 @@ def setting(default: Any, help: str, *, fixed_on_resume: bool = False) -> Any:
 
 @dataclass
 class RunConfig:
+    """What a run is called, where it writes, and how it resumes (docs/resume.md)."""
+
     name: str = setting("dcgan_cifar10", "run name; run.dir defaults to runs/<name>")
     dir: str = setting("runs/${run.name}", "where the run writes: config, checkpoints, samples, weights")
     seed: int = setting(
@@ -59,6 +62,8 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
+    """Where the images come from and how they are loaded (docs/data.md)."""
+
     source: Literal["cifar10", "folder", "fake"] = setting(
         "cifar10",
         "cifar10 (torchvision), folder (every image under data.root, e.g. an ImageFolder tree), fake (generated, for tests)",
@@ -89,6 +94,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """The DCGAN networks: G of transposed convolutions, D of strided convolutions, BatchNorm."""
+
     resolution: int = setting(64, "image size, a power of two from 16 to 256", fixed_on_resume=True)
     nz: int = setting(100, "latent size", fixed_on_resume=True)
     ngf: int = setting(64, "generator width", fixed_on_resume=True)
@@ -97,6 +104,8 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
+    """The optimisation: batch, schedule, Adam, precision, normalisation, compilation, divergence, EMA."""
+
     batch_size: int = setting(64, "the GLOBAL batch, split evenly over processes", fixed_on_resume=True)
     epochs: int = setting(25, "epochs to train")
     max_steps: int | None = setting(None, "optional cap on optimizer steps (one D and one G update per step)")
@@ -105,8 +114,9 @@ class TrainConfig:
     # str, not Literal: YAML reads a bare `no` as false, which must still mean "no"
     mixed_precision: str = setting(
         "auto",
-        "auto: bf16 on GPUs with compute capability 8.0+, fp16 on older GPUs, on CPUs bf16 only with AMX (else no, "
-        "since CPU bf16 is slower than fp32 without it); no; fp16 (GPU; grad scaler, skipped steps counted); bf16",
+        "auto: bf16 on GPUs with compute capability 8.0+ (A100, H100), fp16 on older GPUs, on CPUs bf16 only with AMX "
+        "(else no, since CPU bf16 is slower than fp32 without it: docs/performance.md); no; fp16 (GPU; grad scaler, "
+        "skipped steps counted); bf16. The only precision setting: it overrides accelerate launch --mixed_precision",
         fixed_on_resume=True,
     )
     sync_bn: str = setting(
@@ -132,13 +142,21 @@ class TrainConfig:
 
 @dataclass
 class CkptConfig:
+    """Checkpoints (docs/resume.md)."""
+
     every_steps: int = setting(500, "checkpoint interval (also at every epoch end and on a clean stop)")
     keep: int = setting(3, "complete checkpoints kept (the best one is kept besides)")
 
 
 @dataclass
 class LogConfig:
-    every_steps: int = setting(50, "console line, metrics.jsonl record and dashboard row")
+    """The console, metrics.jsonl, sample grids and the dashboard (docs/tracking.md)."""
+
+    every_steps: int = setting(
+        50,
+        "console line, metrics.jsonl record and dashboard row (besides a one-number stop/health check every 10 "
+        "steps, the loop's only host sync)",
+    )
     sample_every_steps: int = setting(500, "fixed-noise grid interval (also at every epoch end)")
     sample_grid_size: int = setting(64, "images in each fixed-noise grid")
     tracker: Literal["wandb", "tensorboard", "none"] = setting(
@@ -167,7 +185,7 @@ class LogConfig:
 
 @dataclass
 class EvalConfig:
-    """FID / IS / KID during training and in `python -m trainer.evaluate` (trainer/quality/fid.py)."""
+    """FID / IS / KID during training and in `python -m trainer.evaluate` (docs/evaluation.md)."""
 
     every_epochs: int | None = setting(
         5, "evaluate every N epochs during training and at the last step; null (with every_steps null): never"
@@ -180,11 +198,11 @@ class EvalConfig:
         "inception-v3-compat",
         "inception-v3-compat (torch-fidelity's InceptionV3, the standard FID; downloads its weights once), "
         "cifar10-classifier (this project's CIFAR-10 classifier, offline: train it with python -m "
-        "trainer.quality.classifier and pass its file as eval.feature_extractor_weights; its IS is a classifier "
+        "tools.classifier train from a checkout and pass its file as eval.feature_extractor_weights; its IS is a classifier "
         "score), another torch-fidelity extractor name, or module:Class of a FeatureExtractorBase subclass",
     )
     feature_extractor_weights: str | None = setting(
-        None, "a local weights file, for clusters without internet (see the README, Evaluate)"
+        None, "a local weights file, for clusters without internet (docs/evaluation.md)"
     )
     split: str = setting("train", "real images to compare with: train (the training data) or test (cifar10 only)")
     num_real: int | None = setting(None, "real images in the reference statistics, a seeded subset; null: all")
@@ -197,10 +215,14 @@ class EvalConfig:
 
 @dataclass
 class DistConfig:
+    """The process group (docs/distributed.md)."""
+
     # One-time preparation happens outside collectives (trainer.prepare), so this only bounds waits
     # inside training: checkpoints, evaluation, stop checks.
     timeout_s: int = setting(
-        1800, "seconds a collective may wait before the process group gives up (NCCL's own default is 600)"
+        1800,
+        "seconds a collective may wait before the process group gives up (NCCL's own default is 600); one-time "
+        "preparation runs outside collectives (docs/data.md)",
     )
 
 
@@ -312,7 +334,7 @@ def load_config(config_file: str | None = None, overrides: list[str] | tuple[str
 
     $DCGAN_OVERRIDES holds `key=value` overrides (shell-quoted, space-separated) applied after the
     command line's, by every tool that reads a config: site-wide settings on a cluster, or the
-    README test's tiny settings (tests/test_readme.py). A key may end in a list index:
+    docs test's tiny settings (tests/test_readme.py). A key may end in a list index:
     `train.betas.0=0.3` sets the first item.
     """
     merged = OmegaConf.structured(Config)
@@ -509,6 +531,22 @@ def describe_keys(width: int = 118) -> str:
     return "\n".join(lines)
 
 
+def describe_markdown() -> str:
+    """Every config key as Markdown, a table per section: the generated part of docs/configuration.md."""
+    escape = str.maketrans({"|": "\\|", "*": "\\*", "<": "&lt;", ">": "&gt;"})  # table cells, not markup
+    lines: list[str] = []
+    section = None
+    for info in schema_keys():
+        name = info.key.split(".")[0]
+        if name != section:
+            section = name
+            doc = " ".join((Config.__dataclass_fields__[name].default_factory.__doc__ or "").split())
+            lines += ["", f"### `{name}`", "", doc, "", "| key | default | meaning |", "|---|---|---|"]
+        key = f"`{info.key}`" + (" \\*" if info.fixed_on_resume else "")
+        lines.append(f"| {key} | `{_format_default(info.default)}` | {info.help.translate(escape)} |")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
 TRAIN_DESCRIPTION = (
     "Train a DCGAN. One process as it stands; for several, use "
     "`accelerate launch trainer/train.py ...` or `accelerate launch -m trainer.train ...`."
@@ -574,7 +612,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None, descripti
     args = build_parser(prog, description).parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
-        if os.environ.get("RANK", "0") == "0":  # one copy under accelerate launch
+        if launch_rank() == 0:  # one copy under accelerate launch
             print(to_yaml(cfg), end="", flush=True)
         raise SystemExit(0)
     return cfg

@@ -20,6 +20,7 @@ from accelerate.utils import (
 
 from trainer.core.config import Config
 from trainer.util.errors import ConfigError
+from trainer.util.ranks import launch_rank
 
 SMALL_PER_RANK_BATCH = 8  # below this, per-rank BatchNorm statistics are noisy enough to hurt
 
@@ -39,7 +40,7 @@ def resolve_precision(requested: str) -> str:
     if requested != "auto":
         return requested
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        device = torch.device("cuda", launch_rank(local=True) % torch.cuda.device_count())
         return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
     return "bf16" if cpu_has_amx() else "no"
 

@@ -55,7 +55,7 @@ from trainer.core.config import Config, LogConfig, flatten, to_dict
 from trainer.monitor import model_artifacts, sweep
 from trainer.monitor.console import Console
 from trainer.util.errors import ConfigError, TrackingError
-from trainer.util.ranks import main_decides
+from trainer.util.ranks import launch_rank, main_decides
 
 # Dashboard section of every metric (W&B groups charts by the prefix before "/"); unknown names go to train/.
 SECTIONS = {
@@ -303,7 +303,7 @@ def choose_tracker(cfg: Config, environ: Mapping[str, str] = os.environ) -> Trac
     if tracker == "tensorboard":  # writes to <logging_dir>/<project name>: <run.dir>/tensorboard
         kwargs = {"log_with": tracker, "project_config": ProjectConfiguration(logging_dir=cfg.run.dir)}
         return TrackerChoice("tensorboard", "log.tracker=tensorboard", kwargs)
-    if environ.get("RANK", "0") != "0":
+    if launch_rank(environ=environ) != 0:
         return TrackerChoice("wandb", "log.tracker=wandb", {"log_with": tracker})
     mode, why = resolve_wandb_mode(cfg.log, environ)  # not "disabled": handled above
     return TrackerChoice("wandb", why, {"log_with": tracker}, mode)

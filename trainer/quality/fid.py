@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib
 import json
@@ -48,6 +49,17 @@ INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # the name torch-f
 INCEPTION_SHA256_PREFIX = "6726825d"
 CACHE_FORMAT = 1
 BN_STATS = ("running", "batch")  # how a generator's BatchNorm normalises when sampled: see generated_features
+
+
+def add_bn_stats_argument(parser: argparse.ArgumentParser) -> None:
+    """`--bn-stats running|batch` of trainer.evaluate and trainer.sample."""
+    parser.add_argument(
+        "--bn-stats",
+        choices=BN_STATS,
+        default="running",
+        help="BatchNorm in G: running statistics (eval mode, default), or each batch's own statistics "
+        "(train mode, as the classic loop's grids; the stored running statistics are left untouched)",
+    )
 
 
 @dataclass(frozen=True)
@@ -252,7 +264,7 @@ def load_feature_extractor(spec: str, path: Path | None) -> nn.Module:
         where = f" from {path}" if path else ""
         raise EvaluationError(
             f"cannot build feature extractor {spec!r}{where} ({reason}); a damaged or wrong weights file? "
-            "Fetch it again (see the README, Evaluate)"
+            "Fetch it again (docs/evaluation.md)"
         ) from None
     return extractor
 

@@ -8,6 +8,15 @@ torchvision::nms does not exist". We use only torchvision's pure-Python parts (t
 utils), so declaring the two ops' schemas (no kernel: calling them still fails loudly) is enough.
 With a matching torch/torchvision pair nothing is declared.
 
+Why it is still needed (checked against PyPI on 2026-11-30): PyPI has no CPU build of torch for
+Linux. Its torch 2.13.0 manylinux x86_64 wheel is the CUDA build (527 MB, plus nvidia-* wheels);
+the `+cpu` builds come from PyTorch's own index (download.pytorch.org/whl/cpu). PyPI's one
+torchvision 0.28.0 wheel for Linux x86_64 requires torch==2.13.0, which 2.13.0+cpu satisfies, and
+its `_C.so` links libtorch_cuda.so, libc10_cuda.so and libcudart.so.13. So a CPU-only machine that
+reaches only PyPI (CI installs the CPU torch from a local wheel) gets exactly this mismatched pair,
+and no torchvision on PyPI matches a CPU torch. Installing both from PyTorch's CPU index, or both
+CUDA builds from PyPI, gives a matching pair, and this module then does nothing.
+
 `install()` (called once, by `trainer/__init__.py`) puts a finder in front of the import system
 that does this just before the first `import torchvision`, wherever it comes from (our modules,
 torch-fidelity): importing the package costs nothing, and `trainer.core.config` stays free of torch.

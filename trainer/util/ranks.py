@@ -6,6 +6,10 @@ path) is decided on the main process alone: ranks on other nodes may see a diffe
 state a moment later, and ranks that decide differently deadlock in the next collective. The
 answer, or the error, is broadcast, so every rank goes on together or stops together with the
 same message, instead of the others waiting in a collective until its timeout.
+
+Before the process group exists (or without one), the launcher's environment says which process
+this is: `launch_rank` is the one place that reads it. Importing this module costs no torch (the
+config module uses it for `--print-config`).
 """
 
 from __future__ import annotations
@@ -14,17 +18,26 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
-from typing import Any, TypeVar
-
-import torch.distributed as dist
-from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from trainer.util.errors import RunError, UserError
 
+if TYPE_CHECKING:
+    import torch.distributed as dist
+    from accelerate import Accelerator
+
 T = TypeVar("T")
+
+
+def launch_rank(*, local: bool = False, environ: Mapping[str, str] = os.environ) -> int:
+    """This process's global rank (`local`: its rank on its node) as the launcher set it, 0 without a launcher.
+
+    For what happens before the process group exists or without one: which process prints an error,
+    the worker of `one_process_first`, a device index. Inside the group, ask the Accelerator.
+    """
+    return int(environ.get("LOCAL_RANK" if local else "RANK", "0"))
 
 
 class MainProcessFailed(RunError):
@@ -36,6 +49,8 @@ def _share(
 ) -> tuple[object, BaseException | None]:
     box = [outcome]
     if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
         broadcast_object_list(box)
     return box[0]
 
@@ -86,6 +101,8 @@ def every_rank(accelerator: Accelerator, work: Callable[[], T]) -> T:
         error = RunError(f"process {accelerator.process_index} failed: {type(exc).__name__}: {first}")
     errors = [error]
     if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
         errors = gather_object(errors)  # every rank gets every rank's outcome
     if unexpected is not None:
         raise unexpected
@@ -105,9 +122,11 @@ def _launch_store() -> dist.Store:
     Mirrors torch.distributed's own choice: with torchrun's agent store every process is a client;
     otherwise rank 0 hosts it (multi-tenant, so the process group can share it later).
     """
+    import torch.distributed as dist
+
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     world = int(os.environ["WORLD_SIZE"])
-    hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and os.environ.get("RANK", "0") == "0"
+    hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and launch_rank() == 0
     return dist.TCPStore(host, port, world, is_master=hosts, timeout=timedelta(minutes=5), multi_tenant=True)
 
 
@@ -126,7 +145,7 @@ def one_process_first(work: Callable[[], Any], *, name: str, per_node: bool = Fa
     run = os.environ.get("TORCHELASTIC_RUN_ID", "run")
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     key = f"dcgan-trainer/{name}/{run}/{attempt}/{node}"
-    worker = os.environ.get("LOCAL_RANK" if per_node else "RANK", "0") == "0"
+    worker = launch_rank(local=per_node) == 0
     store = _launch_store()
     if worker:
         try:
@@ -147,7 +166,7 @@ def one_process_first(work: Callable[[], Any], *, name: str, per_node: bool = Fa
         time.sleep(0.5)
         if time.monotonic() - last_note > WAIT_NOTE_EVERY_S:
             last_note = time.monotonic()
-            if os.environ.get("LOCAL_RANK") == "0":  # one line per node
+            if launch_rank(local=True) == 0:  # one line per node
                 print(f"waiting for {name} on another process ({time.monotonic() - started:.0f}s)", file=sys.stderr)
     answer = json.loads(store.get(key))
     if "error" in answer:
