@@ -233,3 +233,52 @@ def test_fp16_skipped_steps_are_counted_with_fused_and_plain_adam(fused):
     assert skipped == [5, 5]  # every D and every G step overflowed
     if fused:  # what the loop used to read: a fused optimizer is always called, so nothing looks skipped
         assert not step.opt_d.step_was_skipped and not step.opt_g.step_was_skipped
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_in_fp32_the_trainer_s_update_is_the_classic_example_s(channels_last, one_thread, monkeypatch):
+    """The sample-quality comparison with the classic loop (docs/results.md) rests on this: with the
+    same weights, real batches and noise, three steps of the trainer's networks, optimizers and GAN
+    step in fp32 (BCE on logits, D frozen in the G step, channels_last or not) leave G and D where
+    the PyTorch DCGAN example's loop (Sigmoid + BCELoss, examples/dcgan/main.py) leaves them. What
+    remains different between the two loops is the data order, the noise draws and the precision."""
+    from trainer.core.config import load_config
+    from trainer.core.models import build_networks
+
+    cfg = load_config(None, ["model.ngf=8", "model.ndf=8", "model.nz=10", f"train.channels_last={channels_last}"])
+    accelerator = Accelerator(cpu=True, mixed_precision="no")
+    g, d, opt_g, opt_d = build_networks(cfg, accelerator, use_sync_bn=False)
+    net_g, net_d = copy.deepcopy(g), nn.Sequential(copy.deepcopy(d), nn.Sigmoid())  # the example's networks
+    ref_opt_g = torch.optim.Adam(net_g.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+    ref_opt_d = torch.optim.Adam(net_d.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+    g, d, opt_g, opt_d = accelerator.prepare(g, d, opt_g, opt_d)
+
+    data = torch.Generator().manual_seed(0)
+    batches = [torch.rand(8, 3, 64, 64, generator=data) * 2 - 1 for _ in range(3)]
+    noises = [torch.randn(8, cfg.model.nz, 1, 1, generator=data) for _ in range(3)]
+    drawn = iter(noises)
+    monkeypatch.setattr("trainer.core.step.step_noise", lambda *args: next(drawn).view(8, -1))
+    gan_step = GANStep(accelerator, g, d, opt_g, opt_d, cfg.model.nz, cfg.run.seed)
+
+    criterion = nn.BCELoss()
+    for step, (real, noise) in enumerate(zip(batches, noises, strict=True)):
+        gan_step(real.contiguous(memory_format=torch.channels_last) if channels_last else real, step)
+        # examples/dcgan/main.py, one iteration
+        net_d.zero_grad()
+        output = net_d(real).view(-1)
+        err_d_real = criterion(output, torch.full((8,), 1.0))
+        err_d_real.backward()
+        fake = net_g(noise)
+        output = net_d(fake.detach()).view(-1)
+        err_d_fake = criterion(output, torch.full((8,), 0.0))
+        err_d_fake.backward()
+        ref_opt_d.step()
+        net_g.zero_grad()
+        output = net_d(fake).view(-1)
+        err_g = criterion(output, torch.full((8,), 1.0))
+        err_g.backward()
+        ref_opt_g.step()
+
+    for mine, ref in ((g, net_g), (d, net_d[0])):
+        for (name, a), b in zip(mine.state_dict().items(), ref.state_dict().values(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5, msg=f"{name} after 3 steps")
