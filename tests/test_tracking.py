@@ -435,7 +435,9 @@ def test_wandb_mode_resolution(tmp_path):
     assert wandb_sink.resolve_wandb_mode(_log(wandb_mode="offline"), {**creds, "WANDB_MODE": "online"})[0] == "offline"
     assert wandb_sink.resolve_wandb_mode(_log(wandb_mode="online"), creds)[0] == "online"
     # a netrc entry for another host is not a W&B login
-    assert wandb_sink.resolve_wandb_mode(_log(), {**creds, "WANDB_BASE_URL": "https://wandb.example.org"})[0] == "offline"
+    assert (
+        wandb_sink.resolve_wandb_mode(_log(), {**creds, "WANDB_BASE_URL": "https://wandb.example.org"})[0] == "offline"
+    )
     with pytest.raises(TrackingError, match=r"WANDB_MODE=online.*`wandb login`.*log.wandb_mode=offline"):
         wandb_sink.resolve_wandb_mode(_log(), {**no_creds, "WANDB_MODE": "online"})
     with pytest.raises(TrackingError, match="log.wandb_mode=online"):
@@ -464,3 +466,56 @@ def test_tensorboard_without_its_package_is_a_config_error(monkeypatch):
     monkeypatch.setattr(sinks, "is_tensorboard_available", lambda: False)
     with pytest.raises(ConfigError, match="pip install tensorboard"):
         tracking.choose_tracker(load_config(None, ["log.tracker=tensorboard"]))
+
+
+def test_every_sink_gets_the_same_record_and_a_failing_dashboard_is_dropped(tmp_path, monkeypatch, capsys):
+    """One record: metrics.jsonl (names without their section), the dashboard and the console line; a
+    dashboard that raises is replaced by none with a warning, and metrics.jsonl keeps every row."""
+    from accelerate import Accelerator
+
+    from trainer.monitor.console import Console
+
+    seen = []
+
+    class Recording(sinks.Dashboard):
+        kind = "recording"
+
+        def write(self, record):
+            if record.values.get("eval/fid") == 666.0:
+                raise ConnectionResetError("the service is gone")
+            seen.append(record)
+
+    monkeypatch.setitem(tracking.TRACKERS, "recording", Recording)
+    cfg = load_config(None, [f"run.dir={tmp_path}", "log.tracker=none"])
+    accelerator = Accelerator(cpu=True)
+    console = Console(accelerator)
+    console.start_progress(0, 100, 0)  # no terminal here: only remembers the total for the ETA
+    tracker = tracking.Tracker(cfg, sinks.TrackerChoice("recording", "a test"), accelerator, console)
+    state = TrainState(step=10, epoch=1, global_batch=64)
+    values = {f"train/{name}": 0.5 for name in STEP_METRICS} | {"opt/lr_G": 2e-4, "perf/images_per_s": 640.0}
+    tracker.write(values, state)
+    state.step = 20
+    tracker.write({"eval/fid": 12.5, "eval/weights": "ema", "eval/num_samples": 100, "eval/seconds": 3.0}, state)
+
+    (row, evaluation) = seen
+    assert (row.step, row.epoch, row.images_seen, row.values) == (10, 1, 640, values)
+    assert evaluation.values["eval/fid"] == 12.5 and evaluation.images_seen == 1280
+    rows = read_metrics(tmp_path)
+    assert rows[0] == {"step": 10, "epoch": 1, "images_seen": 640, "lr_G": 2e-4, "images_per_s": 640.0} | {
+        name: 0.5 for name in STEP_METRICS
+    }
+    assert rows[1] == {"step": 20, "epoch": 1, "images_seen": 1280, "fid": 12.5, "eval_weights": "ema"} | {
+        "eval_num_samples": 100,
+        "eval_s": 3.0,
+    }
+    out = capsys.readouterr().out
+    assert out.count("step ") == 1 and "step 10/100 epoch 1 | loss_D 0.5000 loss_G 0.5000" in out
+    assert "| 640 img/s | eta 0m09s" in out  # 90 steps of 64 images at 640 img/s
+
+    with pytest.warns(UserWarning, match="the recording tracker failed while logging metrics"):
+        tracker.write({"eval/fid": 666.0}, state)
+    assert tracker.dashboard.kind == "none" and tracker.summary() == [
+        ("tracking", "off (failed while logging metrics)")
+    ]
+    tracker.write({"eval/fid": 1.0}, state)
+    assert [r.get("fid") for r in read_metrics(tmp_path)] == [None, 12.5, 666.0, 1.0] and len(seen) == 2
