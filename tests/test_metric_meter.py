@@ -41,6 +41,14 @@ def test_reset_drops_a_window_half_summed():
     assert meter.mean_across_ranks(accelerator) == pytest.approx({"loss_D": 2.0})
 
 
+def test_a_section_names_the_metrics_where_the_collector_takes_them():
+    accelerator = Accelerator(cpu=True)
+    meter = MetricMeter()
+    meter.add({"loss_D": torch.tensor(1.0)}, section="train")
+    meter.add({"loss_D": torch.tensor(3.0)}, section="train")
+    assert meter.mean_across_ranks(accelerator) == pytest.approx({"train/loss_D": 2.0})
+
+
 @pytest.mark.slow
 def test_two_ranks_average_their_window_averages(tmp_path):
     """tests/dist/check_meter.py: rank 0 logs loss_D 1, 2, 3 and rank 1 logs 5, 7, 9 in one window."""

@@ -25,7 +25,7 @@ from trainer.core.config import ConfigError, load_config, parse_args
 from trainer.monitor import sweep
 from trainer.monitor.run_lock import LOCK_FILE, RunLock
 from trainer.monitor.stopping import STOP_FILE_ENV
-from trainer.monitor.tracking import display_name, run_display_name
+from trainer.monitor.wandb_sink import display_name, run_display_name
 
 # W&B's sweeps engine (2022) under pydantic 2 and a current scikit-learn: their warnings, not ours.
 pytestmark = [

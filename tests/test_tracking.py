@@ -30,7 +30,7 @@ from tests.test_training import _wait_for
 from tests.wandb_offline import offline_run_files, read_offline_run
 from trainer.core.checkpoint import TrainState
 from trainer.core.config import load_config
-from trainer.monitor import measurements, model_artifacts, tracking
+from trainer.monitor import measurements, model_artifacts, sinks, tracking, wandb_sink
 from trainer.util.errors import ConfigError, TrackingError
 
 STEP_METRICS = ("loss_D", "loss_G", "D(x)", "D(G(z))_before", "D(G(z))_after", "grad_norm_D", "grad_norm_G")
@@ -268,8 +268,7 @@ def test_tensorboard_tracker_writes_the_same_scalars_and_images(tmp_path):
     assert f"tensorboard --logdir {run_dir / 'tensorboard'}" in proc.stdout and not (run_dir / "wandb").exists()
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
     records = read_metrics(run_dir)
-    for name in ("loss_D", "grad_norm_G", "lr_D", "images_per_s"):
-        section = tracking.SECTIONS[name]
+    for section, name in (("train", "loss_D"), ("train", "grad_norm_G"), ("opt", "lr_D"), ("perf", "images_per_s")):
         scalars = events.Scalars(f"{section}/{name}")
         assert [e.step for e in scalars] == [r["images_seen"] for r in records] == [80, 160]
         assert [e.value for e in scalars] == pytest.approx([r[name] for r in records], rel=1e-6)
@@ -377,7 +376,7 @@ def test_credentials_are_found_where_wandb_finds_them(tmp_path, monkeypatch):
     def found() -> tuple[bool, bool]:
         """(W&B's own lookup, the by-hand one for older wandb)"""
         wandb.teardown()  # W&B reads its settings once per process
-        return tracking.wandb_credentials_found(), tracking.wandb_credentials_found(dict(os.environ))
+        return wandb_sink.wandb_credentials_found(), wandb_sink.wandb_credentials_found(dict(os.environ))
 
     try:
         assert found() == (False, False)
@@ -414,8 +413,8 @@ def test_artifact_storage_references_files_on_a_shared_filesystem(tmp_path):
     assert model_artifacts.storage("auto", Path("/home/u/runs/x"), mounts)[0] == "upload"
     assert model_artifacts.storage("upload", Path("/shared/runs/x"), mounts)[0] == "upload"
     assert model_artifacts.storage("reference", Path("/home/u/runs/x"), mounts)[0] == "reference"
-    assert tracking.run_display_name(load_config(None, ["run.name=a"]), {"SLURM_JOB_ID": "7"}) == "a-7"
-    assert tracking.run_display_name(load_config(None, ["run.name=a"]), {}) == "a"
+    assert wandb_sink.run_display_name(load_config(None, ["run.name=a"]), {"SLURM_JOB_ID": "7"}) == "a-7"
+    assert wandb_sink.run_display_name(load_config(None, ["run.name=a"]), {}) == "a"
 
 
 def _log(**overrides: str):
@@ -427,22 +426,24 @@ def test_wandb_mode_resolution(tmp_path):
     netrc.write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
     no_creds = {"HOME": str(tmp_path / "empty")}
     creds = {"NETRC": str(netrc)}
-    assert tracking.resolve_wandb_mode(_log(), no_creds)[0] == "offline"
-    assert tracking.resolve_wandb_mode(_log(), creds)[0] == "online"
-    assert tracking.resolve_wandb_mode(_log(), {**no_creds, "WANDB_API_KEY": "x" * 40})[0] == "online"
-    assert tracking.resolve_wandb_mode(_log(), {**creds, "WANDB_MODE": "offline"})[0] == "offline"
-    assert tracking.resolve_wandb_mode(_log(), {**creds, "WANDB_MODE": "dryrun"})[0] == "offline"
-    assert tracking.resolve_wandb_mode(_log(), {**creds, "WANDB_MODE": "disabled"})[0] == "disabled"
-    assert tracking.resolve_wandb_mode(_log(wandb_mode="offline"), {**creds, "WANDB_MODE": "online"})[0] == "offline"
-    assert tracking.resolve_wandb_mode(_log(wandb_mode="online"), creds)[0] == "online"
+    assert wandb_sink.resolve_wandb_mode(_log(), no_creds)[0] == "offline"
+    assert wandb_sink.resolve_wandb_mode(_log(), creds)[0] == "online"
+    assert wandb_sink.resolve_wandb_mode(_log(), {**no_creds, "WANDB_API_KEY": "x" * 40})[0] == "online"
+    assert wandb_sink.resolve_wandb_mode(_log(), {**creds, "WANDB_MODE": "offline"})[0] == "offline"
+    assert wandb_sink.resolve_wandb_mode(_log(), {**creds, "WANDB_MODE": "dryrun"})[0] == "offline"
+    assert wandb_sink.resolve_wandb_mode(_log(), {**creds, "WANDB_MODE": "disabled"})[0] == "disabled"
+    assert wandb_sink.resolve_wandb_mode(_log(wandb_mode="offline"), {**creds, "WANDB_MODE": "online"})[0] == "offline"
+    assert wandb_sink.resolve_wandb_mode(_log(wandb_mode="online"), creds)[0] == "online"
     # a netrc entry for another host is not a W&B login
-    assert tracking.resolve_wandb_mode(_log(), {**creds, "WANDB_BASE_URL": "https://wandb.example.org"})[0] == "offline"
+    assert (
+        wandb_sink.resolve_wandb_mode(_log(), {**creds, "WANDB_BASE_URL": "https://wandb.example.org"})[0] == "offline"
+    )
     with pytest.raises(TrackingError, match=r"WANDB_MODE=online.*`wandb login`.*log.wandb_mode=offline"):
-        tracking.resolve_wandb_mode(_log(), {**no_creds, "WANDB_MODE": "online"})
+        wandb_sink.resolve_wandb_mode(_log(), {**no_creds, "WANDB_MODE": "online"})
     with pytest.raises(TrackingError, match="log.wandb_mode=online"):
-        tracking.resolve_wandb_mode(_log(wandb_mode="online"), {**no_creds, "WANDB_MODE": "offline"})
+        wandb_sink.resolve_wandb_mode(_log(wandb_mode="online"), {**no_creds, "WANDB_MODE": "offline"})
     with pytest.raises(TrackingError, match="WANDB_MODE='sometimes'"):
-        tracking.resolve_wandb_mode(_log(), {**no_creds, "WANDB_MODE": "sometimes"})
+        wandb_sink.resolve_wandb_mode(_log(), {**no_creds, "WANDB_MODE": "sometimes"})
 
 
 def test_host_metrics_report_learning_rates_loss_scale_and_skipped_steps():
@@ -450,18 +451,71 @@ def test_host_metrics_report_learning_rates_loss_scale_and_skipped_steps():
     optimizers = {"G": torch.optim.Adam(params, lr=1e-3), "D": torch.optim.Adam(params, lr=4e-4)}
     state = TrainState(skipped_steps_d=3, skipped_steps_g=1)
     plain = SimpleNamespace(scaler=None, device=torch.device("cpu"))
-    assert measurements.host_metrics(plain, optimizers, state) == {"lr_G": 1e-3, "lr_D": 4e-4}
+    assert measurements.host_metrics(plain, optimizers, state) == {"opt/lr_G": 1e-3, "opt/lr_D": 4e-4}
     fp16 = SimpleNamespace(scaler=torch.amp.GradScaler("cpu", init_scale=1024.0), device=torch.device("cpu"))
     assert measurements.host_metrics(fp16, optimizers, state) == {
-        "lr_G": 1e-3,
-        "lr_D": 4e-4,
-        "loss_scale": 1024.0,
-        "skipped_steps_D": 3.0,
-        "skipped_steps_G": 1.0,
+        "opt/lr_G": 1e-3,
+        "opt/lr_D": 4e-4,
+        "amp/loss_scale": 1024.0,
+        "amp/skipped_steps_D": 3.0,
+        "amp/skipped_steps_G": 1.0,
     }
 
 
 def test_tensorboard_without_its_package_is_a_config_error(monkeypatch):
-    monkeypatch.setattr(tracking, "is_tensorboard_available", lambda: False)
+    monkeypatch.setattr(sinks, "is_tensorboard_available", lambda: False)
     with pytest.raises(ConfigError, match="pip install tensorboard"):
         tracking.choose_tracker(load_config(None, ["log.tracker=tensorboard"]))
+
+
+def test_every_sink_gets_the_same_record_and_a_failing_dashboard_is_dropped(tmp_path, monkeypatch, capsys):
+    """One record: metrics.jsonl (names without their section), the dashboard and the console line; a
+    dashboard that raises is replaced by none with a warning, and metrics.jsonl keeps every row."""
+    from accelerate import Accelerator
+
+    from trainer.monitor.console import Console
+
+    seen = []
+
+    class Recording(sinks.Dashboard):
+        kind = "recording"
+
+        def write(self, record):
+            if record.values.get("eval/fid") == 666.0:
+                raise ConnectionResetError("the service is gone")
+            seen.append(record)
+
+    monkeypatch.setitem(tracking.TRACKERS, "recording", Recording)
+    cfg = load_config(None, [f"run.dir={tmp_path}", "log.tracker=none"])
+    accelerator = Accelerator(cpu=True)
+    console = Console(accelerator)
+    console.start_progress(0, 100, 0)  # no terminal here: only remembers the total for the ETA
+    tracker = tracking.Tracker(cfg, sinks.TrackerChoice("recording", "a test"), accelerator, console)
+    state = TrainState(step=10, epoch=1, global_batch=64)
+    values = {f"train/{name}": 0.5 for name in STEP_METRICS} | {"opt/lr_G": 2e-4, "perf/images_per_s": 640.0}
+    tracker.write(values, state)
+    state.step = 20
+    tracker.write({"eval/fid": 12.5, "eval/weights": "ema", "eval/num_samples": 100, "eval/seconds": 3.0}, state)
+
+    (row, evaluation) = seen
+    assert (row.step, row.epoch, row.images_seen, row.values) == (10, 1, 640, values)
+    assert evaluation.values["eval/fid"] == 12.5 and evaluation.images_seen == 1280
+    rows = read_metrics(tmp_path)
+    assert rows[0] == {"step": 10, "epoch": 1, "images_seen": 640, "lr_G": 2e-4, "images_per_s": 640.0} | {
+        name: 0.5 for name in STEP_METRICS
+    }
+    assert rows[1] == {"step": 20, "epoch": 1, "images_seen": 1280, "fid": 12.5, "eval_weights": "ema"} | {
+        "eval_num_samples": 100,
+        "eval_s": 3.0,
+    }
+    out = capsys.readouterr().out
+    assert out.count("step ") == 1 and "step 10/100 epoch 1 | loss_D 0.5000 loss_G 0.5000" in out
+    assert "| 640 img/s | eta 0m09s" in out  # 90 steps of 64 images at 640 img/s
+
+    with pytest.warns(UserWarning, match="the recording tracker failed while logging metrics"):
+        tracker.write({"eval/fid": 666.0}, state)
+    assert tracker.dashboard.kind == "none" and tracker.summary() == [
+        ("tracking", "off (failed while logging metrics)")
+    ]
+    tracker.write({"eval/fid": 1.0}, state)
+    assert [r.get("fid") for r in read_metrics(tmp_path)] == [None, 12.5, 666.0, 1.0] and len(seen) == 2

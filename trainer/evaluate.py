@@ -28,7 +28,7 @@ from trainer.core.checkpoint import (
 from trainer.core.config import Config, program_name
 from trainer.core.runtime import build_accelerator
 from trainer.monitor.console import Console
-from trainer.monitor.tracking import POSTHOC, evaluation_target, log_evaluation
+from trainer.monitor.wandb_sink import POSTHOC, evaluation_target, log_evaluation
 from trainer.prepare import prepare_evaluation
 from trainer.quality.fid import Evaluator, add_bn_stats_argument, score_label
 from trainer.util.errors import UserError

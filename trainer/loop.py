@@ -27,7 +27,7 @@ from trainer.monitor.console import Console, RunSummary, format_duration
 from trainer.monitor.diversity import CollapseWatch
 from trainer.monitor.grids import fixed_noise, generate_grid, save_generator_grid, save_real_grid
 from trainer.monitor.health import NonFinite, NonFiniteWatch
-from trainer.monitor.measurements import MetricMeter, append_metrics, host_metrics, rewind_metrics
+from trainer.monitor.measurements import MetricMeter, host_metrics, rewind_metrics
 from trainer.monitor.run_lock import RunLock
 from trainer.monitor.run_status import RunStatus
 from trainer.monitor.stopping import StopRequest, exit_with_launcher, launch_started
@@ -199,11 +199,11 @@ def _train(
     def log_row(metrics: dict[str, float], images_per_s: float) -> None:
         # + learning rates, fp16 loss scale and skipped steps, CUDA memory
         record = {**metrics, **host_metrics(accelerator, {"G": opt_g, "D": opt_d}, state)}
+        record["perf/images_per_s"] = images_per_s
         grid = generate_grid(shown_g, grid_noise, accelerator.autocast)
-        record["diversity"] = collapse.observe(grid, state.step)  # warns on mode collapse
+        record["samples/diversity"] = collapse.observe(grid, state.step)  # warns on mode collapse
         with _stop_if_write_fails("metrics", run_dir / "metrics.jsonl", checkpointer):
-            append_metrics(run_dir / "metrics.jsonl", state, record, images_per_s)
-        tracker.log_metrics({**record, "images_per_s": images_per_s}, state)
+            tracker.write(record, state)  # metrics.jsonl, the dashboard, the console's log line
 
     is_label = score_label(cfg.eval.feature_extractor, short=True)  # IS, or a classifier score
 
@@ -221,9 +221,9 @@ def _train(
 
         def record() -> None:
             with _stop_if_write_fails("metrics", run_dir / "metrics.jsonl", checkpointer):
-                row = {**scores, "eval_weights": weights, "eval_num_samples": results["num_samples"]}
-                append_metrics(run_dir / "metrics.jsonl", state, {**row, "eval_s": results["eval_s"]}, None)
-            tracker.log_metrics(scores, state, owed=owed)
+                row = {f"eval/{name}": value for name, value in scores.items()}
+                row.update({"eval/weights": weights, "eval/num_samples": results["num_samples"]})
+                tracker.write({**row, "eval/seconds": results["eval_s"]}, state, owed=owed)
             if kept:
                 tracker.log_best(checkpointer.dir)  # W&B summary best/*, and the best artifact if asked
 
@@ -287,7 +287,7 @@ def _train(
                 state.step += 1
                 watch.update(metrics, state.step)
                 state.step_in_epoch += 1
-                meter.add(metrics)
+                meter.add(metrics, section="train")  # on the device until the log step's one reduction
                 epoch_done = state.step_in_epoch == steps_per_epoch
                 if epoch_done:
                     state.epoch += 1
@@ -320,10 +320,8 @@ def _train(
                     last_metrics = meter.mean_across_ranks(accelerator)
                     now = time.perf_counter()
                     images_per_s = (state.step - window_step) * cfg.train.batch_size / max(now - window_time, 1e-9)
-                    eta = (total_steps - state.step) * (now - window_time) / max(state.step - window_step, 1)
                     window_step, window_time = state.step, now
                     main_decides(accelerator, partial(log_row, last_metrics, images_per_s))
-                    console.log_step(state.step, total_steps, state.epoch, last_metrics, images_per_s, eta)
                 if state.step % cfg.log.sample_every_steps == 0:
                     sample(f"step_{state.step:08d}.png")
                 if epoch_done:

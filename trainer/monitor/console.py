@@ -21,6 +21,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from trainer.monitor.sinks import Record
+
 PLAIN_WIDTH = 160  # without a terminal: wide enough that table rows with paths stay on one line
 
 
@@ -53,6 +55,7 @@ class Console:
         )
         self._progress: Progress | None = None
         self._task: Any = None
+        self._total_steps = 0
 
     def print(self, *objects: Any, **kwargs: Any) -> None:
         if self.enabled:
@@ -84,6 +87,7 @@ class Console:
     # ---- during training -----------------------------------------------------------------
     def start_progress(self, step: int, total_steps: int, epoch: int) -> None:
         """On a terminal only: the live progress display (advanced every step, values every log step)."""
+        self._total_steps = total_steps  # for the log lines' ETA
         if not self.interactive:
             return
         self._progress = Progress(
@@ -109,18 +113,21 @@ class Console:
         if self._progress is not None:
             self._progress.update(self._task, completed=step, epoch=epoch)
 
-    def log_step(
-        self, step: int, total_steps: int, epoch: int, metrics: Mapping[str, float], images_per_s: float, eta_s: float
-    ) -> None:
-        """The periodic line (both modes); on a terminal it also refreshes the progress display."""
-        if not self.enabled:
+    def write(self, record: Record) -> None:
+        """A sink (monitor/sinks.py): the periodic line of a training row (both modes; on a terminal it also
+        refreshes the progress display). Evaluations get their own line from the loop."""
+        values = record.values
+        if not self.enabled or "perf/images_per_s" not in values:
             return
+        images_per_s, total = values["perf/images_per_s"], self._total_steps
+        eta_s = (total - record.step) * record.images_seen / max(record.step, 1) / max(images_per_s, 1e-9)
         self.print(
-            f"step {step}/{total_steps} epoch {epoch} | {format_metrics(metrics)} | {images_per_s:.0f} img/s "
+            f"step {record.step}/{total} epoch {record.epoch} | {format_metrics(values)} | {images_per_s:.0f} img/s "
             f"| eta {format_duration(eta_s)}"
         )
         if self._progress is not None:
-            losses = " ".join(f"{name} {metrics[name]:.3f}" for name in ("loss_D", "loss_G", "D(x)") if name in metrics)
+            shown = (("loss_D", "train/loss_D"), ("loss_G", "train/loss_G"), ("D(x)", "train/D(x)"))
+            losses = " ".join(f"{label} {values[name]:.3f}" for label, name in shown if name in values)
             self._progress.update(self._task, speed=f"{images_per_s:.0f} img/s", losses=losses)
 
     def stop_progress(self) -> None:
@@ -159,15 +166,14 @@ class Console:
 
 def format_metrics(metrics: Mapping[str, float]) -> str:
     """The step metrics of a log line: losses | D outputs (fake: before -> after the G step) | gradient norms."""
+    m = {name.removeprefix("train/"): value for name, value in metrics.items() if name.startswith("train/")}
     parts = []
-    if "loss_D" in metrics and "loss_G" in metrics:
-        parts.append(f"loss_D {metrics['loss_D']:.4f} loss_G {metrics['loss_G']:.4f}")
-    if "D(x)" in metrics and "D(G(z))_before" in metrics and "D(G(z))_after" in metrics:
-        parts.append(
-            f"D(x) {metrics['D(x)']:.4f} D(G(z)) {metrics['D(G(z))_before']:.4f} -> {metrics['D(G(z))_after']:.4f}"
-        )
-    if "grad_norm_D" in metrics and "grad_norm_G" in metrics:
-        parts.append(f"grad norm D {metrics['grad_norm_D']:.3g} G {metrics['grad_norm_G']:.3g}")
+    if "loss_D" in m and "loss_G" in m:
+        parts.append(f"loss_D {m['loss_D']:.4f} loss_G {m['loss_G']:.4f}")
+    if "D(x)" in m and "D(G(z))_before" in m and "D(G(z))_after" in m:
+        parts.append(f"D(x) {m['D(x)']:.4f} D(G(z)) {m['D(G(z))_before']:.4f} -> {m['D(G(z))_after']:.4f}")
+    if "grad_norm_D" in m and "grad_norm_G" in m:
+        parts.append(f"grad norm D {m['grad_norm_D']:.3g} G {m['grad_norm_G']:.3g}")
     return " | ".join(parts)
 
 

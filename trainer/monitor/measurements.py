@@ -1,8 +1,8 @@
-"""Per-step measurements, collected once and handed to every sink (console, metrics.jsonl, trackers).
+"""Per-step measurements, collected once and handed to every sink (monitor/sinks.py) as one record.
 
-The GAN step returns metric tensors; `MetricMeter` sums them on the device between log steps and
-averages them over the window and across ranks in one reduction (the log step's only host sync).
-`host_metrics` adds what the host already knows; `append_metrics` writes the local record.
+The GAN step returns metric tensors; `MetricMeter`, the collector, sums them on the device between
+log steps and averages them over the window and across ranks in one reduction (the log step's only
+host sync), under their section (`train/loss_D`). `host_metrics` adds what the host already knows.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ class MetricMeter:
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
 
-    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+    def add(self, metrics: dict[str, torch.Tensor], section: str = "") -> None:
+        """One step's device tensors, named `<section>/<name>` when `section` is given (no host sync)."""
         for name, value in metrics.items():
+            name = f"{section}/{name}" if section else name
             self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
         self.count += 1
 
@@ -51,27 +53,17 @@ def host_metrics(
 
     Called at log steps only: reading the loss scale is a host sync.
     """
-    values: dict[str, float] = {f"lr_{name}": float(opt.param_groups[0]["lr"]) for name, opt in optimizers.items()}
+    values = {f"opt/lr_{name}": float(opt.param_groups[0]["lr"]) for name, opt in optimizers.items()}
     if accelerator.scaler is not None:  # fp16: the loss scale falls when gradients overflow, steps are skipped
-        values["loss_scale"] = float(accelerator.scaler.get_scale())
-        values["skipped_steps_D"] = float(state.skipped_steps_d)
-        values["skipped_steps_G"] = float(state.skipped_steps_g)
+        values["amp/loss_scale"] = float(accelerator.scaler.get_scale())
+        values["amp/skipped_steps_D"] = float(state.skipped_steps_d)
+        values["amp/skipped_steps_G"] = float(state.skipped_steps_g)
     if accelerator.device.type == "cuda":  # this rank's GPU; the allocator's counters, no sync
         device = accelerator.device
-        values["gpu_mem_allocated_GiB"] = torch.cuda.memory_allocated(device) / 2**30
-        values["gpu_mem_peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
-        values["gpu_mem_reserved_GiB"] = torch.cuda.memory_reserved(device) / 2**30
+        values["perf/gpu_mem_allocated_GiB"] = torch.cuda.memory_allocated(device) / 2**30
+        values["perf/gpu_mem_peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+        values["perf/gpu_mem_reserved_GiB"] = torch.cuda.memory_reserved(device) / 2**30
     return values
-
-
-def append_metrics(path: Path, state: TrainState, metrics: dict[str, float], images_per_s: float | None) -> None:
-    """One JSON line per log step (and per evaluation): a local record of the run that needs no tracker."""
-    record = {"step": state.step, "epoch": state.epoch, "images_seen": state.images_seen}
-    if images_per_s is not None:
-        record["images_per_s"] = images_per_s
-    record.update(metrics)
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
 
 
 REPLACED_SUFFIX = ".replaced.jsonl"  # metrics.replaced.jsonl: rows a resume or a rollback took out

@@ -10,7 +10,7 @@ W&B's own machinery does the sweeping; this module holds only what a trial does 
   (core/config.py). `wandb.init` joins the agent's run by itself: it takes the run id, project and
   entity from the agent (ignoring, with a warning, any it is given) and the parameters from the file.
 
-What the trainer adds (hooks: `loop.train`, `Tracker.start`, `Tracker.finish`):
+What the trainer adds (hooks: `loop.train`, `WandbSink.start`, `WandbSink.finish`):
 - Its own run directory, `<run.dir>/<trial run id>` (`place`): trials never meet in one directory,
   and the run lock works per trial. A trial that W&B requeues comes back with the same run id, so
   it finds its directory, resumes from its newest checkpoint (run.resume=auto) and continues its
@@ -20,7 +20,7 @@ What the trainer adds (hooks: `loop.train`, `Tracker.start`, `Tracker.finish`):
   uses before a time limit and on preemption, marks its W&B run preempting and finishes it with a
   non-zero exit code: W&B puts such a run back in the sweep's queue and the next agent gets it. A
   stop by SIGTERM or SIGINT alone (the agent ending a trial early for hyperband, a user) ends it.
-- A W&B run name that says which trial it is (`tracking.display_name`).
+- A W&B run name that says which trial it is (`wandb_sink.display_name`).
 """
 
 from __future__ import annotations
