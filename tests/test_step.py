@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import typing
 
 import pytest
 import torch
@@ -16,8 +17,9 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
+from trainer.core.config import TrainConfig
 from trainer.core.models import Discriminator, Generator
-from trainer.core.step import GANStep, grad_norm, step_noise, step_noise_seed
+from trainer.core.step import LOSSES, GANStep, grad_norm, step_noise, step_noise_seed
 
 DATA_MEAN = torch.tensor([2.0, -1.5])
 DATA_STD = 0.3
@@ -53,9 +55,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def test_the_config_offers_exactly_the_losses_of_the_table():
+    assert set(typing.get_args(typing.get_type_hints(TrainConfig)["loss"])) == set(LOSSES)
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
 @pytest.mark.parametrize("seed", [0, 1])
-def test_gan_step_learns_a_2d_gaussian(seed, one_thread):
-    """200 steps of the real GANStep move G onto a narrow 2-D Gaussian, and D still tells them apart.
+def test_gan_step_learns_a_2d_gaussian(seed, loss, one_thread):
+    """200 steps of the real GANStep move G onto a narrow 2-D Gaussian, and D still tells them apart,
+    with every loss of the table.
 
     G is a learned shift of unit-spread noise: it can match the data's mean (std 0.3 around (2, -1.5))
     but never its spread, so a working D keeps an edge (D(x) > D(G(z)) on fresh samples) while G's
@@ -72,7 +80,7 @@ def test_gan_step_learns_a_2d_gaussian(seed, one_thread):
     accelerator = Accelerator(cpu=True)
     d = nn.Sequential(nn.Linear(2, 32), nn.LeakyReLU(0.2), nn.Linear(32, 1))
     g, d, opt_g, opt_d = _prepared(accelerator, Shift(), d, lr=2e-2)
-    gan_step = GANStep(accelerator, g, d, opt_g, opt_d, nz=2, run_seed=seed)
+    gan_step = GANStep(accelerator, g, d, opt_g, opt_d, nz=2, run_seed=seed, loss=loss)
     data = torch.Generator().manual_seed(seed)
     for step in range(200):
         gan_step(_data(64, data), step)

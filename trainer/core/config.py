@@ -111,6 +111,12 @@ class TrainConfig:
     max_steps: int | None = setting(None, "optional cap on optimizer steps (one D and one G update per step)")
     lr: float = setting(2e-4, "Adam learning rate, both nets", fixed_on_resume=True)
     betas: list[float] = setting([0.5, 0.999], "Adam betas, both nets", fixed_on_resume=True)
+    # The names of trainer/core/step.py's LOSSES (tests/test_step.py checks that they agree).
+    loss: Literal["bce"] = setting(
+        "bce",
+        "the GAN loss: bce (the classic recipe's: binary cross-entropy, non-saturating G loss)",
+        fixed_on_resume=True,
+    )
     # str, not Literal: YAML reads a bare `no` as false, which must still mean "no"
     mixed_precision: str = setting(
         "auto",

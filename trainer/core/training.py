@@ -49,7 +49,9 @@ def build_training(cfg: Config, accelerator: Accelerator, use_sync_bn: bool, dat
     # Order matters: Accelerate saves them as model (G) / model_1 (D), optimizer / optimizer_1.
     generator, discriminator, opt_g, opt_d, loader = accelerator.prepare(generator, discriminator, opt_g, opt_d, loader)
     cuda_graphs = cfg.train.compile and cfg.train.compile_mode != "default" and accelerator.device.type == "cuda"
-    gan_step = GANStep(accelerator, generator, discriminator, opt_g, opt_d, cfg.model.nz, cfg.run.seed, cuda_graphs)
+    gan_step = GANStep(
+        accelerator, generator, discriminator, opt_g, opt_d, cfg.model.nz, cfg.run.seed, cuda_graphs, cfg.train.loss
+    )
     return Training(
         generator,
         discriminator,
