@@ -112,9 +112,10 @@ class TrainConfig:
     lr: float = setting(2e-4, "Adam learning rate, both nets", fixed_on_resume=True)
     betas: list[float] = setting([0.5, 0.999], "Adam betas, both nets", fixed_on_resume=True)
     # The names of trainer/core/step.py's LOSSES (tests/test_step.py checks that they agree).
-    loss: Literal["bce"] = setting(
+    loss: Literal["bce", "hinge"] = setting(
         "bce",
-        "the GAN loss: bce (the classic recipe's: binary cross-entropy, non-saturating G loss)",
+        "the GAN loss: bce (the classic recipe's: binary cross-entropy, non-saturating G loss; logs D(x), D(G(z))) "
+        "or hinge (D: relu(1 - D(x)) + relu(1 + D(G(z))), G: -D(G(z)); logs D's mean logits)",
         fixed_on_resume=True,
     )
     # str, not Literal: YAML reads a bare `no` as false, which must still mean "no"

@@ -80,8 +80,27 @@ def _probabilities(real: torch.Tensor, before: torch.Tensor, after: torch.Tensor
     }
 
 
+def _hinge_d(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    # reals above +1, fakes below -1; past the margin a sample gives D no gradient
+    return F.relu(1.0 - logits_real.float()).mean() + F.relu(1.0 + logits_fake.float()).mean()
+
+
+def _hinge_g(logits_after: torch.Tensor) -> torch.Tensor:
+    return -logits_after.float().mean()
+
+
+def _mean_logits(real: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A hinge D gives scores, not probabilities: their means (D wins by the margin at +1 on reals, -1 on fakes)."""
+    return {
+        "D(x)_logit": real.float().mean(),
+        "D(G(z))_logit_before": before.float().mean(),
+        "D(G(z))_logit_after": after.float().mean(),
+    }
+
+
 LOSSES: dict[str, Loss] = {
     "bce": Loss(_bce_d, _bce_g, _probabilities),  # the classic DCGAN recipe
+    "hinge": Loss(_hinge_d, _hinge_g, _mean_logits),  # Lim & Ye 2017; SNGAN, BigGAN
 }
 
 
