@@ -84,6 +84,8 @@ MUTANTS = [
     Mutant("step-noise-seed-reordered", "step", "entropy = [run_seed, step]", "entropy = [step, run_seed]", "step", "seeds change across versions (resume drifts)"),
     Mutant("step-grad-norm-sum", "step", "return torch.linalg.vector_norm(torch.stack(norms))", "return torch.stack(norms).sum()", "step", "grad norm is a sum of norms"),
     Mutant("step-metric-dx-of-fakes", "step", '"D(x)": torch.sigmoid(real.float()).mean()', '"D(x)": torch.sigmoid(before.float()).mean()', "step", "D(x) logged from fakes"),
+    Mutant("step-hinge-g-sign-flipped", "step", "return -logits_after.float().mean()", "return logits_after.float().mean()", "step", "hinge: G trained towards 'fake'"),
+    Mutant("step-hinge-d-real-only", "step", "return F.relu(1.0 - logits_real.float()).mean() + F.relu(1.0 + logits_fake.float()).mean()", "return F.relu(1.0 - logits_real.float()).mean()", "step", "hinge: D never sees fakes"),
     # ---- checkpoints: the resume decision and the best checkpoint ---------------------------------
     Mutant("ckpt-no-checksum", "checkpoint", 'if _sha256(file) != meta["sha256"]:', "if False:", "checkpoint", "a corrupted file passes verification"),
     Mutant("ckpt-no-size-check", "checkpoint", 'if file.stat().st_size != meta["size"]:', "if False:", "checkpoint", "truncation reported as a checksum error only"),
