@@ -138,9 +138,11 @@ def run_ours(cfg: Config, warmup: int, steps: int) -> Result:
 
 
 def _reference_dataset(cfg: Config):
-    """The classic example's datasets and transforms, on the same images as ours."""
-    import torchvision.datasets as dset
+    """The classic example's datasets and transforms (torchvision's CIFAR10, ImageFolder, ...: the
+    source's `classic` in trainer/core/data.py), on the same images as ours."""
     import torchvision.transforms as T
+
+    from trainer.core.data import SOURCES
 
     transform = T.Compose(
         [
@@ -150,14 +152,7 @@ def _reference_dataset(cfg: Config):
             T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
         ]
     )
-    if cfg.data.source == "cifar10":
-        return dset.CIFAR10(root=cfg.data.root, download=cfg.data.download, transform=transform)
-    if cfg.data.source == "folder":
-        return dset.ImageFolder(root=cfg.data.root, transform=transform)
-    from trainer.core.data import FakeImages
-
-    fake = FakeImages(cfg.data.fake_size, cfg.model.resolution, cfg.run.seed)
-    return [(transform(T.functional.to_pil_image(fake[i])), 0) for i in range(len(fake))]
+    return SOURCES[cfg.data.source].classic(cfg.data, cfg.model.resolution, cfg.run.seed, transform)
 
 
 def build_reference(cfg: Config, num_workers: int = 2):

@@ -273,11 +273,6 @@ def fixed_on_resume(key: str) -> bool:
     return any(info.key == key and info.fixed_on_resume for info in schema_keys())
 
 
-def user_cache_dir(kind: str) -> Path:
-    """Default of data.cache_dir / eval.cache_dir: $XDG_CACHE_HOME (or ~/.cache)/dcgan-trainer/<kind>."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dcgan-trainer" / kind
-
-
 def _first_line(exc: OmegaConfBaseException) -> str:
     return str(getattr(exc, "msg", None) or exc).splitlines()[0]
 
@@ -447,9 +442,20 @@ def validate(cfg: Config) -> None:
         bool(cfg.log.wandb_project) and "/" not in cfg.log.wandb_project,
         f"log.wandb_project={cfg.log.wandb_project!r} must be a non-empty name without '/'",
     )
-    if cfg.data.source != "fake":
+    # Imported here, not at the top: importing the config stays free of torch (trainer.core.data's
+    # table of sources brings it), and the data module does not import this one.
+    from trainer.core.data import SOURCES
+
+    source = SOURCES[cfg.data.source]
+    if source.needs_root:
         _require(bool(cfg.data.root), f"data.root is empty; data.source={cfg.data.source} needs a directory")
     _validate_eval(cfg)
+    with_test_set = ", ".join(name for name, s in SOURCES.items() if s.test_set)
+    _require(
+        cfg.eval.split == "train" or source.test_set is not None,
+        f"eval.split=test needs a source with a held-out set ({with_test_set}); for data.source={cfg.data.source} "
+        "point data.root at the folder to compare with and keep eval.split=train",
+    )
 
 
 def _validate_eval(cfg: Config) -> None:
@@ -464,11 +470,6 @@ def _validate_eval(cfg: Config) -> None:
     _require(ev.kid_subset_size >= 2, f"eval.kid_subset_size={ev.kid_subset_size} must be at least 2")
     _require(ev.seed >= 0, f"eval.seed={ev.seed} must be 0 or more")
     _require(ev.split in ("train", "test"), f"eval.split={ev.split!r} is not one of train, test")
-    _require(
-        ev.split == "train" or cfg.data.source == "cifar10",
-        f"eval.split=test needs data.source=cifar10; for data.source={cfg.data.source} point data.root "
-        "at the folder to compare with and keep eval.split=train",
-    )
     _require(
         bool(ev.feature_extractor), "eval.feature_extractor is empty; e.g. eval.feature_extractor=inception-v3-compat"
     )
