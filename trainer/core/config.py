@@ -64,13 +64,15 @@ class RunConfig:
 class DataConfig:
     """Where the images come from and how they are loaded (docs/data.md)."""
 
-    source: Literal["cifar10", "folder", "fake"] = setting(
+    # The names of trainer/core/data.py's SOURCES (tests/test_data.py checks that they agree).
+    source: Literal["cifar10", "cifar100", "folder", "fake"] = setting(
         "cifar10",
-        "cifar10 (torchvision), folder (every image under data.root, e.g. an ImageFolder tree), fake (generated, for tests)",
+        "cifar10 or cifar100 (torchvision), folder (every image under data.root, e.g. an ImageFolder tree), "
+        "fake (generated, for tests)",
         fixed_on_resume=True,
     )
     root: str = setting("data/cifar10", "dataset directory", fixed_on_resume=True)
-    download: bool = setting(True, "let torchvision download CIFAR-10 into data.root")
+    download: bool = setting(True, "let torchvision download CIFAR-10 (or CIFAR-100) into data.root")
     num_workers: int = setting(2, "loader worker processes per rank")
     fake_size: int = setting(1024, "images in the fake source", fixed_on_resume=True)
     packed: bool = setting(

@@ -44,8 +44,6 @@ from trainer.core.packed import (
 from trainer.util.errors import DataError
 from trainer.util.paths import user_cache_dir
 
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-
 
 class DataConfig(Protocol):
     """The data.* settings this module reads: trainer/core/config.py's DataConfig, not imported here
@@ -115,16 +113,23 @@ class ImageFiles(Dataset):
 class CIFAR10Images(Dataset):
     """torchvision's CIFAR10 training set (or, with train=False, its test set), images only."""
 
-    def __init__(self, root: str, download: bool, transform: transforms.Compose, train: bool = True) -> None:
+    NAME, ARCHIVE = "CIFAR-10", "cifar-10-python.tar.gz"
+
+    @staticmethod
+    def torchvision_class() -> type:
         from torchvision.datasets import CIFAR10
 
+        return CIFAR10
+
+    def __init__(self, root: str, download: bool, transform: transforms.Compose, train: bool = True) -> None:
         try:
-            self.dataset = CIFAR10(root=root, train=train, download=download, transform=transform)
+            self.dataset = self.torchvision_class()(root=root, train=train, download=download, transform=transform)
         except Exception as exc:  # URLError, RuntimeError("Dataset not found or corrupted"), OSError
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            url = f"https://www.cs.toronto.edu/~kriz/{self.ARCHIVE}"
             raise DataError(
-                f"CIFAR-10 is not available under data.root={root!r} ({reason}). Fix: place "
-                f"cifar-10-python.tar.gz ({CIFAR10_URL}) in {root!r} and run with data.download=true "
+                f"{self.NAME} is not available under data.root={root!r} ({reason}). Fix: place "
+                f"{self.ARCHIVE} ({url}) in {root!r} and run with data.download=true "
                 "(it is verified and unpacked, not downloaded), or use data.source=folder "
                 "data.root=<an ImageFolder tree, e.g. the JPEG copy's train/>"
             ) from None
@@ -134,6 +139,18 @@ class CIFAR10Images(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.dataset[index][0]
+
+
+class CIFAR100Images(CIFAR10Images):
+    """torchvision's CIFAR100: the same images and layout as CIFAR-10's, in 100 classes."""
+
+    NAME, ARCHIVE = "CIFAR-100", "cifar-100-python.tar.gz"
+
+    @staticmethod
+    def torchvision_class() -> type:
+        from torchvision.datasets import CIFAR100
+
+        return CIFAR100
 
 
 class FakeImages(Dataset):
@@ -283,12 +300,25 @@ def _pack_folder(cfg: DataConfig, resolution: int, cache_dir: Path) -> PackedIma
     return open_or_build(cache_dir, key, lambda out: pack_files(listing.files, resolution, out), listing)
 
 
-def _pack_cifar10(cfg: DataConfig, resolution: int, cache_dir: Path) -> PackedImages:
-    cifar = CIFAR10Images(cfg.root, cfg.download, transform=None).dataset
-    batches = Path(cifar.root) / cifar.base_folder
-    files = sorted(batches / name for name, _ in cifar.train_list)
-    key = {"source": "cifar10", "split": "train", "files": file_fingerprint(batches, files), "resolution": resolution}
-    return open_or_build(cache_dir, key, lambda out: pack_array(cifar.data, resolution, out))
+def _cifar(images: type[CIFAR10Images], source: str) -> Source:
+    """A CIFAR set through torchvision: its training set; eval.split=test: its test set."""
+
+    def pack(cfg: DataConfig, resolution: int, cache_dir: Path) -> PackedImages:
+        cifar = images(cfg.root, cfg.download, transform=None).dataset
+        batches = Path(cifar.root) / cifar.base_folder
+        files = sorted(batches / name for name, _ in cifar.train_list)
+        key = {"source": source, "split": "train", "files": file_fingerprint(batches, files), "resolution": resolution}
+        return open_or_build(cache_dir, key, lambda out: pack_array(cifar.data, resolution, out))
+
+    return Source(
+        dataset=lambda cfg, res, seed: images(cfg.root, cfg.download, pil_to_uint8(res)),
+        pack=pack,
+        identity=lambda cfg, seed: {"root": str(Path(cfg.root).resolve())},
+        classic=lambda cfg, res, seed, transform: images.torchvision_class()(
+            cfg.root, download=cfg.download, transform=transform
+        ),
+        test_set=lambda cfg, res: images(cfg.root, cfg.download, pil_to_uint8(res), train=False),
+    )
 
 
 def _folder_identity(cfg: DataConfig, seed: int) -> dict[str, Any]:
@@ -310,12 +340,6 @@ def _classic_fake(cfg: DataConfig, resolution: int, seed: int, transform: Callab
     return [(transform(to_pil_image(fake[i])), 0) for i in range(len(fake))]
 
 
-def _classic_cifar10(cfg: DataConfig, resolution: int, seed: int, transform: Callable) -> Dataset:
-    from torchvision.datasets import CIFAR10
-
-    return CIFAR10(root=cfg.root, download=cfg.download, transform=transform)
-
-
 def _classic_folder(cfg: DataConfig, resolution: int, seed: int, transform: Callable) -> Dataset:
     from torchvision.datasets import ImageFolder
 
@@ -323,14 +347,8 @@ def _classic_folder(cfg: DataConfig, resolution: int, seed: int, transform: Call
 
 
 SOURCES: dict[str, Source] = {
-    # CIFAR-10 through torchvision: its training set; eval.split=test: its test set
-    "cifar10": Source(
-        dataset=lambda cfg, res, seed: CIFAR10Images(cfg.root, cfg.download, pil_to_uint8(res)),
-        pack=_pack_cifar10,
-        identity=lambda cfg, seed: {"root": str(Path(cfg.root).resolve())},
-        classic=_classic_cifar10,
-        test_set=lambda cfg, res: CIFAR10Images(cfg.root, cfg.download, pil_to_uint8(res), train=False),
-    ),
+    "cifar10": _cifar(CIFAR10Images, "cifar10"),
+    "cifar100": _cifar(CIFAR100Images, "cifar100"),
     # every image under data.root, e.g. an ImageFolder tree
     "folder": Source(
         dataset=lambda cfg, res, seed: ImageFiles(cfg.root, pil_to_uint8(res)),
