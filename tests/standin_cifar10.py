@@ -1,4 +1,5 @@
-"""A tiny CIFAR-10 in torchvision's `cifar-10-batches-py` layout, and the checksums that accept it.
+"""A tiny CIFAR-10 in torchvision's `cifar-10-batches-py` layout (and a tiny CIFAR-100 in its
+`cifar-100-python` one), and the checksums that accept it.
 
 torchvision's CIFAR10 checks the md5 of every batch file against the real dataset's, with
 download=False as with download=True (`_check_integrity`, then `_load_meta`), and no small file set
@@ -24,7 +25,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from torchvision.datasets import CIFAR10
+from torchvision.datasets import CIFAR10, CIFAR100
 
 from trainer.core.data import FakeImages
 
@@ -50,6 +51,41 @@ def write_cifar10(root: Path, per_batch: int = 16, test_size: int = 16) -> np.nd
     md5s = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in base.iterdir()}
     (root / CHECKSUMS).write_text(json.dumps(md5s))
     return np.concatenate(train)
+
+
+def write_cifar100(root: Path, train_size: int = 48, test_size: int = 16) -> np.ndarray:
+    """CIFAR-100's layout (`cifar-100-python/`: one `train` and one `test` file with fine and coarse
+    labels, `meta` with the label names); returns the training images (N, 3, 32, 32)."""
+    base = root / CIFAR100.base_folder
+    base.mkdir(parents=True, exist_ok=True)
+    images = FakeImages(train_size + test_size, 32, seed=11)
+    chw = np.stack([images[i].numpy() for i in range(train_size + test_size)])
+    for name, part in (("train", chw[:train_size]), ("test", chw[train_size:])):
+        labels = [i % 100 for i in range(len(part))]
+        batch = {
+            "data": part.reshape(len(part), 3072),
+            "fine_labels": labels,
+            "coarse_labels": [i // 5 for i in labels],
+        }
+        (base / name).write_bytes(pickle.dumps(batch))
+    meta = {
+        "fine_label_names": [f"fine{i}" for i in range(100)],
+        "coarse_label_names": [f"coarse{i}" for i in range(20)],
+    }
+    (base / CIFAR100.meta["filename"]).write_bytes(pickle.dumps(meta))
+    md5s = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in base.iterdir()}
+    (root / CHECKSUMS).write_text(json.dumps(md5s))
+    return chw[:train_size]
+
+
+def accepted_checksums_100(root: Path) -> dict:
+    """The class attributes of torchvision's CIFAR100 that accept the set under `root`."""
+    md5s = json.loads((root / CHECKSUMS).read_text())
+    return {
+        "train_list": [["train", md5s["train"]]],
+        "test_list": [["test", md5s["test"]]],
+        "meta": {**CIFAR100.meta, "md5": md5s[CIFAR100.meta["filename"]]},
+    }
 
 
 def accepted_checksums(root: Path) -> dict:

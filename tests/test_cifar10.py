@@ -1,5 +1,6 @@
 """The default data path, data.source=cifar10 through the packed cache, on a tiny CIFAR-10 that
-torchvision's own reader and checksum verification accept (tests/standin_cifar10.py)."""
+torchvision's own reader and checksum verification accept (tests/standin_cifar10.py); and
+data.source=cifar100 on a tiny CIFAR-100 written the same way."""
 
 from __future__ import annotations
 
@@ -7,19 +8,21 @@ import trainer  # noqa: F401  (installs the torchvision import shim: see trainer
 
 # isort: split
 
+import dataclasses
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torchvision.datasets import CIFAR10
+from torchvision.datasets import CIFAR10, CIFAR100
 
 from tests.conftest import REPO, read_metrics, run_trainer, smoke_args
-from tests.standin_cifar10 import accepted_checksums, write_cifar10
+from tests.standin_cifar10 import accepted_checksums, accepted_checksums_100, write_cifar10, write_cifar100
 from tests.test_evaluation import eval_overrides
-from trainer.core.config import DataConfig
-from trainer.core.data import CIFAR10Images, build_packed, pil_to_uint8
+from trainer.core.config import DataConfig, load_config
+from trainer.core.data import SOURCES, CIFAR10Images, build_dataset, build_packed, load_dataset, pil_to_uint8
+from trainer.quality.fid import reference_dataset
 from trainer.util.errors import DataError
 
 STANDIN_CIFAR10 = REPO / "tests" / "standin_cifar10.py"
@@ -56,6 +59,31 @@ def test_test_split_and_damaged_files_through_torchvisions_checks(cifar):
     batch.write_bytes(batch.read_bytes()[:-10])  # truncated: torchvision's md5 check refuses the set
     with pytest.raises(DataError, match="CIFAR-10 is not available"):
         CIFAR10Images(str(root), download=False, transform=None)
+
+
+def test_cifar100_source_reads_packs_and_holds_out_its_test_set(tmp_path, monkeypatch):
+    """data.source=cifar100, from the files of torchvision's CIFAR-100 layout: per sample and packed the
+    same training images, its test set for eval.split=test, and the classic loop's torchvision reader."""
+    root = tmp_path / "cifar100"
+    images = write_cifar100(root)
+    for attribute, value in accepted_checksums_100(root).items():
+        monkeypatch.setattr(CIFAR100, attribute, value)
+    cfg = load_config(
+        None, ["data.source=cifar100", f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}", "eval.split=test"]
+    )
+    per_sample = build_dataset(cfg.data, resolution=32, seed=0)
+    assert len(per_sample) == 48 and torch.equal(per_sample[5], torch.from_numpy(images[5]))
+    packed = build_packed(cfg.data, resolution=64)
+    assert packed.meta["side"] == 32 and torch.equal(packed.__getitems__(range(48)), torch.from_numpy(images))
+    for packed in (True, False):  # what a run opens: prepared once, then opened by every process
+        opened = load_dataset(dataclasses.replace(cfg.data, packed=packed), resolution=32, seed=0)
+        assert len(opened) == 48
+    assert len(reference_dataset(cfg)) == 16  # the test set
+    classic = SOURCES["cifar100"].classic(cfg.data, 32, 0, pil_to_uint8(32))
+    assert len(classic) == 48 and classic[0][1] == 0  # (image, fine label)
+    (root / "cifar-100-python" / "train").write_bytes(b"damaged")
+    with pytest.raises(DataError, match="CIFAR-100 is not available.*cifar-100-python.tar.gz"):
+        build_dataset(DataConfig(source="cifar100", root=str(root), download=False), 32, 0)
 
 
 @pytest.mark.slow

@@ -201,7 +201,7 @@ def test_bad_evaluation_settings_are_refused(override, expected):
     with pytest.raises(ConfigError) as info:
         load_config(None, [override])
     assert expected in str(info.value)
-    with pytest.raises(ConfigError, match="eval.split=test needs data.source=cifar10"):
+    with pytest.raises(ConfigError, match=r"eval.split=test needs a source with a held-out set \(cifar10"):
         load_config(None, ["data.source=fake", "eval.split=test"])
     assert load_config(None, ["train.ema_decay=0"]).train.ema_decay is None  # 0 means off
 

@@ -1,4 +1,5 @@
 import pickle
+import typing
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ import torch
 from tests.conftest import write_image_tree
 from trainer.core.config import DataConfig
 from trainer.core.data import (
+    SOURCES,
     CIFAR10Images,
     FakeImages,
     ImageFiles,
@@ -17,6 +19,10 @@ from trainer.core.data import (
     to_model_input,
 )
 from trainer.util.errors import DataError
+
+
+def test_the_config_offers_exactly_the_sources_of_the_table():
+    assert set(typing.get_args(typing.get_type_hints(DataConfig)["source"])) == set(SOURCES)
 
 
 def test_fake_images_are_deterministic_uint8():

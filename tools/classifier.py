@@ -33,7 +33,6 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from trainer.core.config import user_cache_dir
 from trainer.core.data import to_model_input, to_uint8
 from trainer.quality.classifier import (
     ARCH_VERSION,
@@ -55,6 +54,7 @@ from trainer.quality.fid import (
 )
 from trainer.util.atomic import write_atomic
 from trainer.util.errors import UserError
+from trainer.util.paths import user_cache_dir
 
 
 # ---- data ----------------------------------------------------------------------------------------

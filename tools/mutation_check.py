@@ -67,10 +67,10 @@ class Mutant:
 # fmt: off
 MUTANTS = [
     # ---- the GAN step ----------------------------------------------------------------------------
-    Mutant("step-g-target-flipped", "step", "loss_g = _bce(logits_after, 1.0)", "loss_g = _bce(logits_after, 0.0)", "step", "G trained towards 'fake'"),
+    Mutant("step-g-target-flipped", "step", "return _bce(logits_after, 1.0)", "return _bce(logits_after, 0.0)", "step", "G trained towards 'fake'"),
     Mutant("step-d-labels-swapped", "step", "_bce(logits_real, 1.0) + _bce(logits_fake, 0.0)", "_bce(logits_real, 0.0) + _bce(logits_fake, 1.0)", "step", "D's real/fake labels swapped"),
-    Mutant("step-d-loss-negated", "step", "loss_d = _bce(logits_real, 1.0) + _bce(logits_fake, 0.0)", "loss_d = -(_bce(logits_real, 1.0) + _bce(logits_fake, 0.0))", "step", "D loss sign wrong"),
-    Mutant("step-d-real-only", "step", "loss_d = _bce(logits_real, 1.0) + _bce(logits_fake, 0.0)", "loss_d = _bce(logits_real, 1.0)", "step", "D never sees fakes"),
+    Mutant("step-d-loss-negated", "step", "return _bce(logits_real, 1.0) + _bce(logits_fake, 0.0)", "return -(_bce(logits_real, 1.0) + _bce(logits_fake, 0.0))", "step", "D loss sign wrong"),
+    Mutant("step-d-real-only", "step", "return _bce(logits_real, 1.0) + _bce(logits_fake, 0.0)", "return _bce(logits_real, 1.0)", "step", "D never sees fakes"),
     Mutant("step-no-d-update", "step", "self.opt_d.step()", "pass", "step", "D optimizer step dropped"),
     Mutant("step-no-g-update", "step", "self.opt_g.step()", "pass", "step", "G optimizer step dropped"),
     Mutant("step-d-grads-accumulate", "step", "self.opt_d.zero_grad(set_to_none=True)", "pass", "step", "D gradients never cleared"),
@@ -83,7 +83,9 @@ MUTANTS = [
     # (`[run_seed, rank, step, attempt]` for every attempt would be equivalent: SeedSequence ignores trailing zeros.)
     Mutant("step-noise-seed-reordered", "step", "entropy = [run_seed, step]", "entropy = [step, run_seed]", "step", "seeds change across versions (resume drifts)"),
     Mutant("step-grad-norm-sum", "step", "return torch.linalg.vector_norm(torch.stack(norms))", "return torch.stack(norms).sum()", "step", "grad norm is a sum of norms"),
-    Mutant("step-metric-dx-of-fakes", "step", '"D(x)": torch.sigmoid(logits_real.detach().float()).mean()', '"D(x)": torch.sigmoid(logits_fake.detach().float()).mean()', "step", "D(x) logged from fakes"),
+    Mutant("step-metric-dx-of-fakes", "step", '"D(x)": torch.sigmoid(real.float()).mean()', '"D(x)": torch.sigmoid(before.float()).mean()', "step", "D(x) logged from fakes"),
+    Mutant("step-hinge-g-sign-flipped", "step", "return -logits_after.float().mean()", "return logits_after.float().mean()", "step", "hinge: G trained towards 'fake'"),
+    Mutant("step-hinge-d-real-only", "step", "return F.relu(1.0 - logits_real.float()).mean() + F.relu(1.0 + logits_fake.float()).mean()", "return F.relu(1.0 - logits_real.float()).mean()", "step", "hinge: D never sees fakes"),
     # ---- checkpoints: the resume decision and the best checkpoint ---------------------------------
     Mutant("ckpt-no-checksum", "checkpoint", 'if _sha256(file) != meta["sha256"]:', "if False:", "checkpoint", "a corrupted file passes verification"),
     Mutant("ckpt-no-size-check", "checkpoint", 'if file.stat().st_size != meta["size"]:', "if False:", "checkpoint", "truncation reported as a checksum error only"),

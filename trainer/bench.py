@@ -3,9 +3,9 @@
 Both run on the same data, on the same machine, in one invocation, each in its own process (so
 peak memory is each one's own):
 
-- ours: the trainer's GAN step and data path (packed data, on-device resize, channels_last, AMP,
-  fused Adam on CUDA, the GAN step of trainer/core/step.py), configured exactly as a training run
-  would be, but not the rest of the loop: no metric averaging, health checks, logging, grids or
+- ours: the trainer's training step and data path (packed data, on-device resize, channels_last,
+  AMP, fused Adam on CUDA, the GAN step of trainer/core/step.py, the EMA if configured), built by the
+  same `build_training` (trainer/core/training.py) as a training run, but not the rest of the loop: no metric averaging, health checks, logging, grids or
   checkpoints (a training run's metrics.jsonl gives the whole loop's images/s);
 - reference: the PyTorch DCGAN example written the classic way: PIL transforms in a DataLoader
   with 2 workers, fp32, eager, Sigmoid + BCELoss, D's gradients computed in the G step.
@@ -115,25 +115,21 @@ def _time_steps(step_fn, batches, device: torch.device, warmup: int, steps: int)
 
 
 def run_ours(cfg: Config, warmup: int, steps: int) -> Result:
-    from trainer.core.data import build_dataloader, load_dataset, to_model_input
-    from trainer.core.models import build_networks
+    from trainer.core.data import load_dataset
     from trainer.core.runtime import build_accelerator, check_against_hardware
-    from trainer.core.step import GANStep
+    from trainer.core.training import build_training
 
     accelerator = build_accelerator(cfg)
     use_sync_bn = check_against_hardware(cfg, accelerator)
     dataset = load_dataset(cfg.data, cfg.model.resolution, cfg.run.seed)
-    loader = build_dataloader(dataset, cfg.train.batch_size, cfg.data.num_workers)
-    generator, discriminator, opt_g, opt_d = build_networks(cfg, accelerator, use_sync_bn)
-    generator, discriminator, opt_g, opt_d, loader = accelerator.prepare(generator, discriminator, opt_g, opt_d, loader)
-    gan_step = GANStep(accelerator, generator, discriminator, opt_g, opt_d, cfg.model.nz, cfg.run.seed)
+    training = build_training(cfg, accelerator, use_sync_bn, dataset)  # exactly what the training loop builds
 
     def step(batch: torch.Tensor, i: int) -> None:
-        gan_step(to_model_input(batch, cfg.model.resolution, cfg.train.channels_last), i)
+        training.step(batch, i)
 
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(accelerator.device)
-    seconds, flops = _time_steps(step, loader, accelerator.device, warmup, steps)
+    seconds, flops = _time_steps(step, training.loader, accelerator.device, warmup, steps)
     peak, kind = _peak_memory(accelerator.device)
     rate = steps * cfg.train.batch_size / seconds
     return Result(
@@ -142,9 +138,11 @@ def run_ours(cfg: Config, warmup: int, steps: int) -> Result:
 
 
 def _reference_dataset(cfg: Config):
-    """The classic example's datasets and transforms, on the same images as ours."""
-    import torchvision.datasets as dset
+    """The classic example's datasets and transforms (torchvision's CIFAR10, ImageFolder, ...: the
+    source's `classic` in trainer/core/data.py), on the same images as ours."""
     import torchvision.transforms as T
+
+    from trainer.core.data import SOURCES
 
     transform = T.Compose(
         [
@@ -154,14 +152,7 @@ def _reference_dataset(cfg: Config):
             T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
         ]
     )
-    if cfg.data.source == "cifar10":
-        return dset.CIFAR10(root=cfg.data.root, download=cfg.data.download, transform=transform)
-    if cfg.data.source == "folder":
-        return dset.ImageFolder(root=cfg.data.root, transform=transform)
-    from trainer.core.data import FakeImages
-
-    fake = FakeImages(cfg.data.fake_size, cfg.model.resolution, cfg.run.seed)
-    return [(transform(T.functional.to_pil_image(fake[i])), 0) for i in range(len(fake))]
+    return SOURCES[cfg.data.source].classic(cfg.data, cfg.model.resolution, cfg.run.seed, transform)
 
 
 def build_reference(cfg: Config, num_workers: int = 2):

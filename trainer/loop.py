@@ -17,11 +17,9 @@ import torch
 
 from trainer.core.checkpoint import Checkpointer, TrainState
 from trainer.core.config import Config, changed_keys, evaluation_enabled, to_yaml
-from trainer.core.data import build_dataloader, open_dataset, to_model_input
-from trainer.core.ema import GeneratorEMA
-from trainer.core.models import build_networks
+from trainer.core.data import open_dataset, to_model_input
 from trainer.core.runtime import build_accelerator, check_against_hardware
-from trainer.core.step import GANStep
+from trainer.core.training import build_training
 from trainer.monitor import sweep
 from trainer.monitor.console import Console, RunSummary, format_duration
 from trainer.monitor.diversity import CollapseWatch
@@ -103,14 +101,10 @@ def _train(
         write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
 
     dataset = open_dataset(cfg.data, cfg.model.resolution, cfg.run.seed, prepared["data"])
-    loader = build_dataloader(dataset, cfg.train.batch_size, cfg.data.num_workers)
-    generator, discriminator, opt_g, opt_d = build_networks(cfg, accelerator, use_sync_bn)
-    ema = GeneratorEMA(generator, cfg.train.ema_decay, accelerator) if cfg.train.ema_decay else None
-    # Order matters: Accelerate saves them as model (G) / model_1 (D), optimizer / optimizer_1.
-    generator, discriminator, opt_g, opt_d, loader = accelerator.prepare(generator, discriminator, opt_g, opt_d, loader)
-    # the plain modules: DDP, compile and autocast wrappers stay on the training path only
-    unwrapped_g = accelerator.unwrap_model(generator, keep_torch_compile=False)
-    shown_g = ema.module if ema else unwrapped_g  # the generator that grids and evaluations show
+    training = build_training(cfg, accelerator, use_sync_bn, dataset)  # what trainer.bench times, too
+    generator, discriminator, opt_g, opt_d = training.generator, training.discriminator, training.opt_g, training.opt_d
+    loader, ema, gan_step = training.loader, training.ema, training.gan_step
+    shown_g = ema.module if ema else training.unwrapped_g  # the generator that grids and evaluations show
 
     def use_configured_optimizer_settings() -> None:
         """Adam's state brings back the lr and betas it was saved with; the config's apply (they differ only
@@ -166,8 +160,6 @@ def _train(
     continuing = resume_from is not None and resume_from.resolve().parent == checkpointer.dir.resolve()
     state.tracker_run_id = tracker.start(cfg, state, continuing, samples_dir / "real.png")  # saved in checkpoints
 
-    cuda_graphs = cfg.train.compile and cfg.train.compile_mode != "default" and accelerator.device.type == "cuda"
-    gan_step = GANStep(accelerator, generator, discriminator, opt_g, opt_d, cfg.model.nz, cfg.run.seed, cuda_graphs)
     state.precision = accelerator.mixed_precision
 
     def sync_skip_counts(to_state: bool) -> None:
@@ -279,11 +271,7 @@ def _train(
             loader.set_epoch(state.epoch)  # the epoch's shuffle: same on every rank, from run.seed + epoch
             batches = accelerator.skip_first_batches(loader, state.step_in_epoch) if state.step_in_epoch else loader
             for real in batches:
-                metrics = gan_step(
-                    to_model_input(real, cfg.model.resolution, cfg.train.channels_last), state.step, state.rollbacks
-                )
-                if ema:
-                    ema.update(unwrapped_g)
+                metrics = training.step(real, state.step, state.rollbacks)  # the GAN update, then the EMA's
                 state.step += 1
                 watch.update(metrics, state.step)
                 state.step_in_epoch += 1

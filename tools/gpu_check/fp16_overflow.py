@@ -36,10 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from trainer.core.config import load_config
-    from trainer.core.data import build_dataloader, load_dataset, to_model_input
-    from trainer.core.models import build_networks
+    from trainer.core.data import load_dataset
     from trainer.core.runtime import build_accelerator, check_against_hardware
-    from trainer.core.step import GANStep
+    from trainer.core.training import build_training
     from trainer.util.errors import UserError
 
     try:
@@ -51,19 +50,16 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     accelerator.scaler = torch.amp.GradScaler(accelerator.device.type, init_scale=args.init_scale)
     dataset = load_dataset(cfg.data, cfg.model.resolution, cfg.run.seed)
-    loader = build_dataloader(dataset, cfg.train.batch_size, cfg.data.num_workers)
-    generator, discriminator, opt_g, opt_d = build_networks(cfg, accelerator, use_sync_bn)
-    generator, discriminator, opt_g, opt_d, loader = accelerator.prepare(generator, discriminator, opt_g, opt_d, loader)
-    gan_step = GANStep(accelerator, generator, discriminator, opt_g, opt_d, cfg.model.nz, cfg.run.seed)
+    training = build_training(cfg, accelerator, use_sync_bn, dataset)  # what a training run builds
     step, finite = 0, True
     while step < args.steps:
-        for real in loader:
-            metrics = gan_step(to_model_input(real, cfg.model.resolution, cfg.train.channels_last), step)
+        for real in training.loader:
+            metrics = training.step(real, step)
             finite = finite and all(math.isfinite(float(metrics[k])) for k in ("loss_D", "loss_G"))
             step += 1
             if step == args.steps:
                 break
-    skipped_d, skipped_g = gan_step.skipped.tolist()
+    skipped_d, skipped_g = training.gan_step.skipped.tolist()
     figures = {
         "steps": step,
         "init_scale": args.init_scale,
@@ -71,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         "skipped_steps_D": skipped_d,
         "skipped_steps_G": skipped_g,
         "losses_finite_after_skips": finite,
-        "fused_adam": bool(opt_d.optimizer.defaults.get("fused")),
+        "fused_adam": bool(training.opt_d.optimizer.defaults.get("fused")),
         "device": str(accelerator.device),
     }
     args.json.write_text(json.dumps(figures))

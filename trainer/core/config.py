@@ -64,13 +64,15 @@ class RunConfig:
 class DataConfig:
     """Where the images come from and how they are loaded (docs/data.md)."""
 
-    source: Literal["cifar10", "folder", "fake"] = setting(
+    # The names of trainer/core/data.py's SOURCES (tests/test_data.py checks that they agree).
+    source: Literal["cifar10", "cifar100", "folder", "fake"] = setting(
         "cifar10",
-        "cifar10 (torchvision), folder (every image under data.root, e.g. an ImageFolder tree), fake (generated, for tests)",
+        "cifar10 or cifar100 (torchvision), folder (every image under data.root, e.g. an ImageFolder tree), "
+        "fake (generated, for tests)",
         fixed_on_resume=True,
     )
     root: str = setting("data/cifar10", "dataset directory", fixed_on_resume=True)
-    download: bool = setting(True, "let torchvision download CIFAR-10 into data.root")
+    download: bool = setting(True, "let torchvision download CIFAR-10 (or CIFAR-100) into data.root")
     num_workers: int = setting(2, "loader worker processes per rank")
     fake_size: int = setting(1024, "images in the fake source", fixed_on_resume=True)
     packed: bool = setting(
@@ -111,6 +113,13 @@ class TrainConfig:
     max_steps: int | None = setting(None, "optional cap on optimizer steps (one D and one G update per step)")
     lr: float = setting(2e-4, "Adam learning rate, both nets", fixed_on_resume=True)
     betas: list[float] = setting([0.5, 0.999], "Adam betas, both nets", fixed_on_resume=True)
+    # The names of trainer/core/step.py's LOSSES (tests/test_step.py checks that they agree).
+    loss: Literal["bce", "hinge"] = setting(
+        "bce",
+        "the GAN loss: bce (the classic recipe's: binary cross-entropy, non-saturating G loss; logs D(x), D(G(z))) "
+        "or hinge (D: relu(1 - D(x)) + relu(1 + D(G(z))), G: -D(G(z)); logs D's mean logits)",
+        fixed_on_resume=True,
+    )
     # str, not Literal: YAML reads a bare `no` as false, which must still mean "no"
     mixed_precision: str = setting(
         "auto",
@@ -264,11 +273,6 @@ def schema_keys(schema: type = Config, prefix: str = "") -> list[KeyInfo]:
 def fixed_on_resume(key: str) -> bool:
     """Whether `key` (dotted) changes the training trajectory; keys the schema does not know are free."""
     return any(info.key == key and info.fixed_on_resume for info in schema_keys())
-
-
-def user_cache_dir(kind: str) -> Path:
-    """Default of data.cache_dir / eval.cache_dir: $XDG_CACHE_HOME (or ~/.cache)/dcgan-trainer/<kind>."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dcgan-trainer" / kind
 
 
 def _first_line(exc: OmegaConfBaseException) -> str:
@@ -440,9 +444,20 @@ def validate(cfg: Config) -> None:
         bool(cfg.log.wandb_project) and "/" not in cfg.log.wandb_project,
         f"log.wandb_project={cfg.log.wandb_project!r} must be a non-empty name without '/'",
     )
-    if cfg.data.source != "fake":
+    # Imported here, not at the top: importing the config stays free of torch (trainer.core.data's
+    # table of sources brings it), and the data module does not import this one.
+    from trainer.core.data import SOURCES
+
+    source = SOURCES[cfg.data.source]
+    if source.needs_root:
         _require(bool(cfg.data.root), f"data.root is empty; data.source={cfg.data.source} needs a directory")
     _validate_eval(cfg)
+    with_test_set = ", ".join(name for name, s in SOURCES.items() if s.test_set)
+    _require(
+        cfg.eval.split == "train" or source.test_set is not None,
+        f"eval.split=test needs a source with a held-out set ({with_test_set}); for data.source={cfg.data.source} "
+        "point data.root at the folder to compare with and keep eval.split=train",
+    )
 
 
 def _validate_eval(cfg: Config) -> None:
@@ -457,11 +472,6 @@ def _validate_eval(cfg: Config) -> None:
     _require(ev.kid_subset_size >= 2, f"eval.kid_subset_size={ev.kid_subset_size} must be at least 2")
     _require(ev.seed >= 0, f"eval.seed={ev.seed} must be 0 or more")
     _require(ev.split in ("train", "test"), f"eval.split={ev.split!r} is not one of train, test")
-    _require(
-        ev.split == "train" or cfg.data.source == "cifar10",
-        f"eval.split=test needs data.source=cifar10; for data.source={cfg.data.source} point data.root "
-        "at the folder to compare with and keep eval.split=train",
-    )
     _require(
         bool(ev.feature_extractor), "eval.feature_extractor is empty; e.g. eval.feature_extractor=inception-v3-compat"
     )

@@ -4,15 +4,24 @@ Each source yields uint8 CHW tensors already resized (shorter side) and centre-c
 `model.resolution` with PIL, as the classic recipe's `Resize` + `CenterCrop` do. Batches stay uint8
 until they reach the device, where `to_model_input` scales them to [-1, 1]: a quarter of the
 bytes of float batches cross the host-to-device copy.
+
+The values of data.source are the rows of `SOURCES`: how each source is read, packed, compared with
+in evaluation (trainer/quality/fid.py) and read by the benchmark's classic loop (trainer/bench.py),
+and what config validation needs to know of it. To add a source: one `Source` row, and its name in
+data.source's choices in trainer/core/config.py (a test checks that the two agree).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +30,6 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from trainer.core.config import DataConfig, user_cache_dir
 from trainer.core.packed import (
     PackedImages,
     file_fingerprint,
@@ -34,8 +42,20 @@ from trainer.core.packed import (
     whole_batch,
 )
 from trainer.util.errors import DataError
+from trainer.util.paths import user_cache_dir
 
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+
+class DataConfig(Protocol):
+    """The data.* settings this module reads: trainer/core/config.py's DataConfig, not imported here
+    because config validation reads this module's `SOURCES` (an import each way would be a circle)."""
+
+    source: str
+    root: str
+    download: bool
+    fake_size: int
+    packed: bool
+    cache_dir: str | None
+    bad_files: str
 
 
 def pil_to_uint8(resolution: int) -> transforms.Compose:
@@ -93,16 +113,23 @@ class ImageFiles(Dataset):
 class CIFAR10Images(Dataset):
     """torchvision's CIFAR10 training set (or, with train=False, its test set), images only."""
 
-    def __init__(self, root: str, download: bool, transform: transforms.Compose, train: bool = True) -> None:
+    NAME, ARCHIVE = "CIFAR-10", "cifar-10-python.tar.gz"
+
+    @staticmethod
+    def torchvision_class() -> type:
         from torchvision.datasets import CIFAR10
 
+        return CIFAR10
+
+    def __init__(self, root: str, download: bool, transform: transforms.Compose, train: bool = True) -> None:
         try:
-            self.dataset = CIFAR10(root=root, train=train, download=download, transform=transform)
+            self.dataset = self.torchvision_class()(root=root, train=train, download=download, transform=transform)
         except Exception as exc:  # URLError, RuntimeError("Dataset not found or corrupted"), OSError
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            url = f"https://www.cs.toronto.edu/~kriz/{self.ARCHIVE}"
             raise DataError(
-                f"CIFAR-10 is not available under data.root={root!r} ({reason}). Fix: place "
-                f"cifar-10-python.tar.gz ({CIFAR10_URL}) in {root!r} and run with data.download=true "
+                f"{self.NAME} is not available under data.root={root!r} ({reason}). Fix: place "
+                f"{self.ARCHIVE} ({url}) in {root!r} and run with data.download=true "
                 "(it is verified and unpacked, not downloaded), or use data.source=folder "
                 "data.root=<an ImageFolder tree, e.g. the JPEG copy's train/>"
             ) from None
@@ -112,6 +139,18 @@ class CIFAR10Images(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.dataset[index][0]
+
+
+class CIFAR100Images(CIFAR10Images):
+    """torchvision's CIFAR100: the same images and layout as CIFAR-10's, in 100 classes."""
+
+    NAME, ARCHIVE = "CIFAR-100", "cifar-100-python.tar.gz"
+
+    @staticmethod
+    def torchvision_class() -> type:
+        from torchvision.datasets import CIFAR100
+
+        return CIFAR100
 
 
 class FakeImages(Dataset):
@@ -136,11 +175,8 @@ class FakeImages(Dataset):
 
 
 def build_dataset(cfg: DataConfig, resolution: int, seed: int) -> Dataset:
-    if cfg.source == "fake":
-        return FakeImages(cfg.fake_size, resolution, seed)
-    if cfg.source == "folder":
-        return ImageFiles(cfg.root, pil_to_uint8(resolution))
-    return CIFAR10Images(cfg.root, cfg.download, pil_to_uint8(resolution))
+    """The source's images, read per sample with PIL (uint8, CHW, at `resolution`)."""
+    return SOURCES[cfg.source].dataset(cfg, resolution, seed)
 
 
 def report_unreadable(unreadable: list[tuple[str, str]], total: int, root: Path, policy: str, warn: bool) -> None:
@@ -161,15 +197,7 @@ def report_unreadable(unreadable: list[tuple[str, str]], total: int, root: Path,
 def build_packed(cfg: DataConfig, resolution: int) -> PackedImages:
     """The source decoded once into the packed cache (built on first use, then reused)."""
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else user_cache_dir("packed")
-    if cfg.source == "folder":
-        listing = ImageFiles(cfg.root, transform=None)
-        key = {"source": "folder", "files": file_fingerprint(listing.root, listing.files), "resolution": resolution}
-        return open_or_build(cache_dir, key, lambda out: pack_files(listing.files, resolution, out), listing)
-    cifar = CIFAR10Images(cfg.root, cfg.download, transform=None).dataset
-    batches = Path(cifar.root) / cifar.base_folder
-    files = sorted(batches / name for name, _ in cifar.train_list)
-    key = {"source": "cifar10", "split": "train", "files": file_fingerprint(batches, files), "resolution": resolution}
-    return open_or_build(cache_dir, key, lambda out: pack_array(cifar.data, resolution, out))
+    return SOURCES[cfg.source].pack(cfg, resolution, cache_dir)
 
 
 def scan_files(files: list[Path]) -> tuple[list[tuple[str, str]], list[str]]:
@@ -209,9 +237,7 @@ def prepare_data(cfg: DataConfig, resolution: int, seed: int) -> dict[str, Any]:
     Returns what every process needs to open the dataset without repeating it (JSON-able: it travels
     through the launcher's store); bad input stops the run here (DataError), before training starts.
     """
-    if cfg.source == "fake":
-        return {}
-    if cfg.packed:
+    if cfg.packed and SOURCES[cfg.source].pack:
         packed = build_packed(cfg, resolution)
         if packed.listing is not None:
             packed.listing.warn_ignored()
@@ -235,20 +261,110 @@ def open_dataset(cfg: DataConfig, resolution: int, seed: int, prepared: dict[str
     The packed file is opened by the path the preparing process found: no process walks or stats the
     folder again to compute its key.
     """
-    if cfg.source == "fake":
-        return FakeImages(cfg.fake_size, resolution, seed)
-    if cfg.packed:
+    if "pack" in prepared:
         return PackedImages.open(Path(prepared["pack"]))
-    if cfg.source == "folder":
-        dataset = ImageFiles(cfg.root, pil_to_uint8(resolution))
+    # nothing is downloaded here: the preparing process did it
+    dataset = build_dataset(dataclasses.replace(cfg, download=False), resolution, seed)
+    if isinstance(dataset, ImageFiles):
         dataset.drop(prepared["unreadable"])
-        return dataset
-    return CIFAR10Images(cfg.root, download=False, transform=pil_to_uint8(resolution))
+    return dataset
 
 
 def load_dataset(cfg: DataConfig, resolution: int, seed: int) -> Dataset:
     """`prepare_data` then `open_dataset`, in this one process (the benchmark, tools, tests)."""
     return open_dataset(cfg, resolution, seed, prepare_data(cfg, resolution, seed))
+
+
+# ---- the sources -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Source:
+    """A value of data.source."""
+
+    # (settings, resolution, seed) -> the images, per sample with PIL: uint8 CHW at the resolution
+    dataset: Callable[[DataConfig, int, int], Dataset]
+    # (settings, resolution, cache dir) -> the images decoded once into the packed cache; None: never packed
+    pack: Callable[[DataConfig, int, Path], PackedImages] | None
+    # (settings, run seed) -> what reference statistics of these images depend on, besides the resolution
+    identity: Callable[[DataConfig, int], dict[str, Any]]
+    # (settings, resolution, run seed, transform) -> (image, label) pairs as torchvision reads them, for
+    # the classic DCGAN loop that trainer.bench compares with
+    classic: Callable[[DataConfig, int, int, Callable], Any]
+    # (settings, resolution) -> the source's held-out images (eval.split=test); None: it has none
+    test_set: Callable[[DataConfig, int], Dataset] | None = None
+    needs_root: bool = True  # data.root must name a directory
+
+
+def _pack_folder(cfg: DataConfig, resolution: int, cache_dir: Path) -> PackedImages:
+    listing = ImageFiles(cfg.root, transform=None)
+    key = {"source": "folder", "files": file_fingerprint(listing.root, listing.files), "resolution": resolution}
+    return open_or_build(cache_dir, key, lambda out: pack_files(listing.files, resolution, out), listing)
+
+
+def _cifar(images: type[CIFAR10Images], source: str) -> Source:
+    """A CIFAR set through torchvision: its training set; eval.split=test: its test set."""
+
+    def pack(cfg: DataConfig, resolution: int, cache_dir: Path) -> PackedImages:
+        cifar = images(cfg.root, cfg.download, transform=None).dataset
+        batches = Path(cifar.root) / cifar.base_folder
+        files = sorted(batches / name for name, _ in cifar.train_list)
+        key = {"source": source, "split": "train", "files": file_fingerprint(batches, files), "resolution": resolution}
+        return open_or_build(cache_dir, key, lambda out: pack_array(cifar.data, resolution, out))
+
+    return Source(
+        dataset=lambda cfg, res, seed: images(cfg.root, cfg.download, pil_to_uint8(res)),
+        pack=pack,
+        identity=lambda cfg, seed: {"root": str(Path(cfg.root).resolve())},
+        classic=lambda cfg, res, seed, transform: images.torchvision_class()(
+            cfg.root, download=cfg.download, transform=transform
+        ),
+        test_set=lambda cfg, res: images(cfg.root, cfg.download, pil_to_uint8(res), train=False),
+    )
+
+
+def _folder_identity(cfg: DataConfig, seed: int) -> dict[str, Any]:
+    """A folder can change in place: its listing (names and sizes) is part of the identity."""
+    root = Path(cfg.root)
+    identity = {"root": str(root.resolve())}
+    if root.is_dir():
+        digest = hashlib.sha256()
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            digest.update(f"{path.relative_to(root)}\0{path.stat().st_size}\n".encode())
+        identity["listing"] = digest.hexdigest()[:16]
+    return identity
+
+
+def _classic_fake(cfg: DataConfig, resolution: int, seed: int, transform: Callable) -> list:
+    from torchvision.transforms.functional import to_pil_image
+
+    fake = FakeImages(cfg.fake_size, resolution, seed)
+    return [(transform(to_pil_image(fake[i])), 0) for i in range(len(fake))]
+
+
+def _classic_folder(cfg: DataConfig, resolution: int, seed: int, transform: Callable) -> Dataset:
+    from torchvision.datasets import ImageFolder
+
+    return ImageFolder(root=cfg.root, transform=transform)
+
+
+SOURCES: dict[str, Source] = {
+    "cifar10": _cifar(CIFAR10Images, "cifar10"),
+    "cifar100": _cifar(CIFAR100Images, "cifar100"),
+    # every image under data.root, e.g. an ImageFolder tree
+    "folder": Source(
+        dataset=lambda cfg, res, seed: ImageFiles(cfg.root, pil_to_uint8(res)),
+        pack=_pack_folder,
+        identity=_folder_identity,
+        classic=_classic_folder,
+    ),
+    # generated colour blobs, for tests
+    "fake": Source(
+        dataset=lambda cfg, res, seed: FakeImages(cfg.fake_size, res, seed),
+        pack=None,  # generated on the fly: nothing to decode
+        identity=lambda cfg, seed: {"fake_size": cfg.fake_size, "seed": seed},
+        classic=_classic_fake,
+        needs_root=False,
+    ),
+}
 
 
 def build_dataloader(dataset: Dataset, global_batch: int, num_workers: int) -> DataLoader:

@@ -35,8 +35,8 @@ from torch import nn
 from torch_fidelity import FeatureExtractorBase, register_feature_extractor
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from trainer.core.config import user_cache_dir
 from trainer.util.errors import EvaluationError
+from trainer.util.paths import user_cache_dir
 
 NAME = "cifar10-classifier"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")

@@ -37,11 +37,12 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from trainer.core.config import Config, user_cache_dir
-from trainer.core.data import CIFAR10Images, build_dataset, pil_to_uint8, to_uint8
+from trainer.core.config import Config
+from trainer.core.data import SOURCES, build_dataset, to_uint8
 from trainer.core.models import Generator
 from trainer.util.atomic import write_atomic
 from trainer.util.errors import EvaluationError
+from trainer.util.paths import user_cache_dir
 from trainer.util.ranks import main_decides
 
 INCEPTION = "inception-v3-compat"
@@ -341,17 +342,8 @@ def reference_identity(cfg: Config, weights: Path | None, device: torch.device) 
         "feature_extractor": cfg.eval.feature_extractor,
         "weights": weights.name if weights else None,
         "layers": vars(layers_for(cfg.eval.feature_extractor)),
+        **SOURCES[data.source].identity(data, cfg.run.seed),  # where the images are; a folder's listing
     }
-    if data.source == "fake":
-        identity.update(fake_size=data.fake_size, seed=cfg.run.seed)
-    else:
-        identity["root"] = str(Path(data.root).resolve())
-    if data.source == "folder" and Path(data.root).is_dir():
-        # A folder can change in place: its listing (names and sizes) is part of the identity.
-        digest = hashlib.sha256()
-        for path in sorted(p for p in Path(data.root).rglob("*") if p.is_file()):
-            digest.update(f"{path.relative_to(data.root)}\0{path.stat().st_size}\n".encode())
-        identity["listing"] = digest.hexdigest()[:16]
     return identity
 
 
@@ -364,8 +356,8 @@ def reference_path(cfg: Config, identity: dict[str, Any]) -> Path:
 
 def reference_dataset(cfg: Config) -> Dataset:
     """The real images to compare with, at the model's resolution, as uint8 like the training data."""
-    if cfg.eval.split == "test":  # validated: cifar10 only
-        return CIFAR10Images(cfg.data.root, cfg.data.download, pil_to_uint8(cfg.model.resolution), train=False)
+    if cfg.eval.split == "test":  # validated: the source has a test set
+        return SOURCES[cfg.data.source].test_set(cfg.data, cfg.model.resolution)
     dataset = build_dataset(cfg.data, cfg.model.resolution, cfg.run.seed)
     if cfg.eval.num_real is not None and cfg.eval.num_real < len(dataset):
         # A seeded random subset: the first files of a sorted folder would all be one class.
