@@ -245,6 +245,11 @@ def test_resume_compares_configs_refuses_trajectory_keys_and_lets_schedule_keys_
     older = OmegaConf.to_container(OmegaConf.create(saved))
     del older["log"]["wandb_artifacts"]
     assert config_changes(older, load_config(None, ["log.wandb_artifacts=best"])) == []
+    # ... except a trajectory key: the older version trained as its default does (train.loss: bce)
+    del older["train"]["loss"]
+    assert config_changes(older, load_config(None, ["train.loss=bce"])) == []
+    with pytest.raises(CheckpointError, match="changes the training trajectory: train.loss: 'bce' -> 'hinge'"):
+        _check_config_changes(tmp_path, older, load_config(None, ["train.loss=hinge"]))
     fixed = {k.key for k in schema_keys() if k.fixed_on_resume}
     assert {"train.lr", "train.betas", "train.batch_size", "run.seed", "model.nz"} <= fixed
     assert not fixed & {"train.epochs", "train.max_steps", "data.num_workers", "data.cache_dir", "run.name"}

@@ -465,9 +465,15 @@ RESUME_KEYS = ("run.resume", "run.resume_changes")  # how to resume, not what: n
 def config_changes(saved: Mapping[str, Any], cfg: Config) -> list[tuple[str, Any, Any]]:
     """(key, the checkpoint's value, this run's) for every key that differs, in schema order.
 
-    Keys only one side has (a config written before the key existed) are not compared.
+    A trajectory key the checkpoint lacks (written before the key existed) had its default's
+    behaviour there (a new key keeps the old behaviour by default, e.g. train.loss=bce), so it is
+    compared with the default; other keys only one side has are not compared.
     """
     old, new = flatten(saved), flatten(to_dict(cfg))
+    default = flatten(to_dict(Config()))
+    for key in new.keys() - old.keys():
+        if fixed_on_resume(key) and key in default:
+            old[key] = default[key]
     return [
         (key, old[key], value)
         for key, value in new.items()
