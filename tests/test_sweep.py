@@ -22,7 +22,7 @@ from tests.conftest import REPO, TRAIN, read_metrics, trainer_env
 from tests.sweep_agent_standin import server_runs, sweep_environment
 from tests.wandb_offline import offline_run_files, read_offline_run
 from trainer.core.config import ConfigError, load_config, parse_args
-from trainer.monitor import sweep
+from trainer.monitor import wandb_sink as sweep
 from trainer.monitor.run_lock import LOCK_FILE, RunLock
 from trainer.monitor.stopping import STOP_FILE_ENV
 from trainer.monitor.wandb_sink import display_name, run_display_name

@@ -20,7 +20,7 @@ from trainer.core.config import Config, changed_keys, evaluation_enabled, to_yam
 from trainer.core.data import open_dataset, to_model_input
 from trainer.core.runtime import build_accelerator, check_against_hardware
 from trainer.core.training import build_training
-from trainer.monitor import sweep
+from trainer.monitor import wandb_sink as sweep
 from trainer.monitor.console import Console, RunSummary, format_duration
 from trainer.monitor.diversity import CollapseWatch
 from trainer.monitor.grids import fixed_noise, generate_grid, save_generator_grid, save_real_grid

@@ -24,7 +24,7 @@ from tests.conftest import REPO, SMOKE, read_metrics
 from tests.slurm.test_launch_scripts import CPU_SBATCH, _job_env
 from tests.sweep_agent_standin import server_runs, sweep_environment
 from tests.wandb_offline import offline_run_files, read_offline_run
-from trainer.monitor.sweep import REQUEUE_EXIT_CODE
+from trainer.monitor.wandb_sink import REQUEUE_EXIT_CODE
 
 pytestmark = pytest.mark.slurm
 

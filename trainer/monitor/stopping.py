@@ -5,7 +5,7 @@ flag; the loop finishes its step, the ranks agree (one all-reduce every `check_e
 the step pays no host sync), write a checkpoint, and exit 0. The file matters because
 `accelerate launch` (torchrun) does not forward SIGUSR1 to its workers: a batch script that traps
 the signal touches `<run.dir>/STOP` instead, which every node sees on a shared filesystem, or the
-file named by $DCGAN_STOP_FILE when it cannot know run.dir (a sweep trial's, monitor/sweep.py).
+file named by $DCGAN_STOP_FILE when it cannot know run.dir (a sweep trial's, monitor/wandb_sink.py).
 """
 
 from __future__ import annotations
