@@ -22,6 +22,7 @@ from tools.gpu_check.checks import (
     cudagraph_verdict,
     group_ranks,
     judge_overflow,
+    late_means,
     optional_output,
     quality_verdict,
     registry,
@@ -168,6 +169,21 @@ def test_quality_verdict_says_worse_only_beyond_seed_spread():
     assert quality_verdict(rows("classic", [100, 60, 140]) + rows("ours", [150]))["ours/running"]["verdict"].startswith(
         "one seed"
     )
+
+
+def test_the_verdict_reads_each_run_s_late_generators_not_its_last_one():
+    """A GAN's FID swings from step to step: a run whose last generator happens to be bad is judged by
+    its mean from half the run on, the earlier half of the run not counted."""
+    def run(arm, seed, fids):  # FID at steps 500, 1000, 1500, 2000
+        return [
+            {"arm": arm, "seed": seed, "bn_stats": "running", "steps": t, "fid": f, "diversity": 0.9}
+            for t, f in zip((500, 1000, 1500, 2000), fids, strict=True)
+        ]
+
+    records = [*run("classic", 0, [99, 12, 10, 8]), *run("ours", 0, [99, 9, 10, 20])]
+    means = {r["arm"]: r for r in late_means(records, 2000)}
+    assert means["classic"]["fid"] == 10 and means["ours"]["fid"] == 13  # (12+10+8)/3, (9+10+20)/3
+    assert means["ours"]["steps"] == [1000, 1500, 2000]
 
 
 def test_optional_tools_never_fail_and_never_hang(tmp_path, monkeypatch):

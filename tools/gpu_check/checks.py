@@ -727,6 +727,26 @@ def tiny_classifier(path: Path) -> Path:
     return path
 
 
+def late_means(records: list[dict[str, Any]], steps: int) -> list[dict[str, Any]]:
+    """One record per (arm, seed, BatchNorm mode): the mean FID and diversity of its generators at steps
+    from `steps` // 2 on (tools/compare_quality.py's --snapshots and the final one)."""
+    runs: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    for r in records:
+        if r["steps"] >= steps // 2:
+            runs.setdefault((r["arm"], r["seed"], r["bn_stats"]), []).append(r)
+    return [
+        {
+            "arm": arm,
+            "seed": seed,
+            "bn_stats": mode,
+            "steps": sorted(r["steps"] for r in rows),
+            "fid": statistics.mean(float(r["fid"]) for r in rows),
+            "diversity": min(float(r.get("diversity", 1)) for r in rows),
+        }
+        for (arm, seed, mode), rows in sorted(runs.items())
+    ]
+
+
 def quality_verdict(records: list[dict[str, Any]], baseline: str = "classic") -> dict[str, dict[str, Any]]:
     """Per (arm, BatchNorm mode): mean and sd of the classifier FID over seeds, and the difference to the
     baseline arm with its standard error; `verdict` is `worse` / `better` when the difference passes both
@@ -788,7 +808,11 @@ def quality(
     root = data_root(ctx)
     cmd = [sys.executable, str(COMPARE_QUALITY), "--config", TINY_CONFIG if ctx.tiny else CLASSIC_CONFIG]
     cmd += ["--data", str(root / "train"), "--reference", str(root / "test"), "--steps", str(steps)]
-    cmd += ["--seeds", *map(str, seeds), "--arms", *arms, "--num-samples", str(num_samples), "--bn-stats", "both"]
+    # One step's generator is a noisy sample of a run (GAN samples swing from step to step): the verdict
+    # reads each run's mean over its generators from half the run on, in the trainer's sampling mode.
+    snapshots = [steps // 2, steps * 3 // 4]
+    cmd += ["--seeds", *map(str, seeds), "--arms", *arms, "--num-samples", str(num_samples), "--bn-stats", "running"]
+    cmd += ["--snapshots", *map(str, snapshots)]
     cmd += ["--weights", str(weights), "--out", str(out), "--parallel", str(parallel), "--device", ctx.device]
     cmd += ["--classic-workers", "2", f"data.cache_dir={Path(ctx.shared) / 'packed'}"]
     threads = max(1, (os.cpu_count() or 1) // max(parallel, 1))
@@ -803,11 +827,12 @@ def quality(
         raise
     ctx.record(wall_s=round(done.wall_s, 1))
     require_success(done, "tools/compare_quality.py")
-    records = [r for r in json.loads((out / f"quality-{steps}steps.json").read_text()) if r["steps"] == steps]
+    every = json.loads((out / f"quality-{steps}steps.json").read_text())
+    records = [r for r in every if r["steps"] == steps]
     table = (out / f"quality-{steps}steps.md").read_text()
     ctx.keep(out / f"quality-{steps}steps.json")
-    summary = quality_verdict(records)
-    ctx.record(verdicts=summary, table=table, runs=records)
+    summary = quality_verdict(late_means(every, steps))
+    ctx.record(verdicts=summary, verdicts_at_the_last_step=quality_verdict(records), table=table, runs=records)
     if ctx.tiny:
         ctx.record(note="toy size: an untrained toy classifier scores a few steps of toy networks; no verdict")
         return
