@@ -174,6 +174,7 @@ def test_quality_verdict_says_worse_only_beyond_seed_spread():
 def test_the_verdict_reads_each_run_s_late_generators_not_its_last_one():
     """A GAN's FID swings from step to step: a run whose last generator happens to be bad is judged by
     its mean from half the run on, the earlier half of the run not counted."""
+
     def run(arm, seed, fids):  # FID at steps 500, 1000, 1500, 2000
         return [
             {"arm": arm, "seed": seed, "bn_stats": "running", "steps": t, "fid": f, "diversity": 0.9}
@@ -377,9 +378,12 @@ def test_tiny_cpu_run_without_git_or_nvidia_smi_passes_every_check_a_cpu_can_run
     assert checks_["bench_64"]["figures"]["speedup_vs_reference"] > 0
     assert checks_["bench_64"]["figures"]["reference_cudnn_benchmark"] is True
     quality = checks_["quality_64"]["figures"]
-    assert {(r["arm"], r["bn_stats"]) for r in quality["runs"]} == {
-        (arm, mode) for arm in ("classic", "ours") for mode in ("running", "batch")
+    # the last step's records; the verdict reads each run's mean from half the run on (steps 2, 3, 4)
+    assert {(r["arm"], r["bn_stats"], r["steps"]) for r in quality["runs"]} == {
+        ("classic", "running", 4),
+        ("ours", "running", 4),
     }
+    assert set(quality["verdicts"]) == {"classic/running", "ours/running"}
     assert all(math.isfinite(r["fid"]) and r["diversity"] >= 0 for r in quality["runs"])
 
     run = checks_["full_run"]["figures"]
