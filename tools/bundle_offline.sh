@@ -13,7 +13,7 @@
 #                                [--python-version 3.12] [--out DIR] [--max-mib N]
 #   --data PATH         cifar10-jpg.tar.gz, or a folder holding train/<class>/ and test/<class>/
 #   --wheels DIR        take wheels from this folder first; the rest are downloaded (pip download)
-#   --classifier FILE   weights of `python -m trainer.quality.classifier train`; default: the cached ones
+#   --classifier FILE   weights of `python -m tools.classifier train`; default: the cached ones
 #   --wandb             also wandb and its dependencies (about 21 MB): training with W&B logging offline
 #   --python-version V  the node's Python, for downloaded wheels (default: this one's)
 #   --out DIR           the bundle folder (default: .bundle in the checkout)
@@ -96,7 +96,7 @@ fi
 if [[ -n $classifier ]]; then
     cp "$classifier" "$out/classifier.safetensors"
 else
-    echo "note: no classifier weights (--classifier, or train them: python -m trainer.quality.classifier train" \
+    echo "note: no classifier weights (--classifier, or train them: python -m tools.classifier train" \
         "--data <cifar10-jpg>); the GPU check's quality verdict will be skipped" >&2
 fi
 
