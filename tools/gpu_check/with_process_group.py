@@ -89,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     if args.backend:
-        print(check_collectives(args.backend), file=sys.stderr, flush=True)
+        # One write per line: the ranks share the launcher's stderr, and print() writes the text and its
+        # newline separately, so two ranks' lines could interleave into one the report cannot parse.
+        sys.stderr.write(check_collectives(args.backend) + "\n")
+        sys.stderr.flush()
     if args.counters:
         atexit.register(dump_counters, args.counters)
     from trainer.train import main as train  # the trainer's entry point, as `accelerate launch` would run it
