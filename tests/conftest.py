@@ -18,6 +18,16 @@ from tools.gpu_check.checks import launch_command as gpu_check_launch_command
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "trainer" / "train.py"
 SMOKE = REPO / "configs" / "smoke.yaml"
+# Tiny networks on generated data: the head of the override lists that run the real trainer for
+# seconds (the README test, the sweep tests); each adds its data size, schedule and evaluation.
+TINY_NETS = [
+    "data.source=fake",
+    "data.num_workers=0",
+    "model.resolution=32",
+    "model.nz=16",
+    "model.ngf=8",
+    "model.ndf=8",
+]
 
 
 def trainer_env() -> dict[str, str]:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY_NETS
 
 README = REPO / "README.md"
 DOCS = REPO / "docs"
@@ -39,13 +39,8 @@ OWN_HARNESS = {
 NOT_TESTED = re.compile(r"^\s*<!--\s*not-tested:\s*(?P<reason>.+?)\s*-->\s*$")
 FENCE = re.compile(r"^(?P<indent>\s*)```(?P<lang>\w*)\s*$")
 TINY = [
-    "data.source=fake",
+    *TINY_NETS,
     "data.fake_size=48",
-    "data.num_workers=0",
-    "model.resolution=32",
-    "model.nz=16",
-    "model.ngf=8",
-    "model.ndf=8",
     "train.batch_size=16",
     "train.epochs=1",
     "train.mixed_precision=no",

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, TRAIN, read_metrics, trainer_env
+from tests.conftest import REPO, TINY_NETS, TRAIN, read_metrics, trainer_env
 from tests.sweep_agent_standin import server_runs, sweep_environment
 from tests.wandb_offline import offline_run_files, read_offline_run
 from trainer.core.config import ConfigError, load_config, parse_args
@@ -39,13 +39,8 @@ LR_BETA1 = SWEEPS / "lr_beta1.yaml"
 # Tiny settings through $DCGAN_OVERRIDES, applied after the sweep's command line (as tests/test_readme.py
 # does): 10 steps an epoch, 2 epochs, an evaluation every epoch with the stand-in feature extractor.
 TINY = [
-    "data.source=fake",
+    *TINY_NETS,
     "data.fake_size=160",
-    "data.num_workers=0",
-    "model.resolution=32",
-    "model.nz=16",
-    "model.ngf=8",
-    "model.ndf=8",
     "train.batch_size=16",
     "train.epochs=2",
     "train.mixed_precision=no",

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, SMOKE, read_metrics
+from tests.conftest import REPO, SMOKE, TINY_NETS, read_metrics
 from tests.slurm.test_launch_scripts import CPU_SBATCH, _job_env
 from tests.sweep_agent_standin import server_runs, sweep_environment
 from tests.wandb_offline import offline_run_files, read_offline_run
@@ -32,13 +32,8 @@ SWEEP_ARRAY = REPO / "launch" / "slurm" / "sweep_array.sbatch"
 LR_BETA1 = REPO / "configs" / "sweeps" / "lr_beta1.yaml"
 # 32 steps an epoch, 2 epochs, a checkpoint every 8 steps, an evaluation at the end (stand-in extractor).
 SMALL = [
-    "data.source=fake",
+    *TINY_NETS,
     "data.fake_size=512",
-    "data.num_workers=0",
-    "model.resolution=32",
-    "model.nz=16",
-    "model.ngf=8",
-    "model.ndf=8",
     "train.batch_size=16",
     "train.epochs=2",
     "train.mixed_precision=no",
